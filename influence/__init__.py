@@ -1,0 +1,1 @@
+"""quadsel influence package."""

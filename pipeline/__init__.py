@@ -1,0 +1,1 @@
+"""quadsel data plane: reading, validating, embedding, clustering and writing shards."""

@@ -1,0 +1,174 @@
+"""Progress reporting and logging shared by every long stage.
+
+One place decides how progress is shown:
+- ``pretty``: rich progress bars with rate and ETA (a terminal),
+- ``log``: a log line every few seconds with count, rate and ETA (files, CI, Ray clusters),
+- ``quiet``: nothing but warnings.
+
+Logging can emit JSON lines (``configure_logging(json_lines=True)``) for log collectors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal, TypeVar
+
+T = TypeVar("T")
+Mode = Literal["auto", "pretty", "log", "quiet"]
+
+logger = logging.getLogger("quadsel")
+
+
+@dataclass
+class _Settings:
+    mode: Mode = "auto"
+    interval_s: float = 5.0
+
+
+_settings = _Settings()  # process-wide display preference, set once by the CLI
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(
+    level: str = "INFO",
+    *,
+    json_lines: bool = False,
+    quiet: bool = False,
+    progress: Mode = "auto",
+    log_file: str | None = None,
+) -> None:
+    """Set up the ``quadsel`` logger for a CLI invocation (idempotent)."""
+    root = logging.getLogger("quadsel")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO))
+    root.propagate = False
+    if json_lines:
+        fmt: logging.Formatter = JsonFormatter()
+    else:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if log_file:
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(JsonFormatter())
+        fh.setLevel(logging.DEBUG)
+        root.addHandler(fh)
+    _settings.mode = "quiet" if quiet else ("log" if json_lines and progress == "auto" else progress)
+
+
+def _resolved_mode() -> Mode:
+    mode = _settings.mode
+    if mode == "auto":
+        return "pretty" if sys.stderr.isatty() else "log"
+    return mode
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """A progress counter: ``with Progress("embed", total=n, unit="rows") as p: p.advance(k)``."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "rows") -> None:
+        self.desc = desc
+        self.total = total
+        self.unit = unit
+        self.count = 0
+        self._mode = _resolved_mode()
+        self._t0 = time.monotonic()
+        self._last = self._t0
+        self._rich = None
+        self._task = None
+
+    def __enter__(self) -> "Progress":
+        if self._mode == "pretty":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(self.desc, total=self.total, rate="")
+        return self
+
+    def rate(self) -> float:
+        dt = time.monotonic() - self._t0
+        return self.count / dt if dt > 0 else 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n, rate=f"{self.rate():,.0f} {self.unit}/s")
+        elif self._mode == "log" and now - self._last >= _settings.interval_s:
+            self._last = now
+            self._log_line()
+
+    def _log_line(self, final: bool = False) -> None:
+        r = self.rate()
+        fields = {"stage": self.desc, "count": self.count, "rate": round(r, 2), "unit": self.unit}
+        if self.total:
+            eta = (self.total - self.count) / r if r > 0 else float("inf")
+            fields["total"] = self.total
+            fields["eta_s"] = None if eta == float("inf") else round(eta, 1)
+            msg = (f"{self.desc}: {self.count:,}/{self.total:,} {self.unit} "
+                   f"({r:,.1f}/s, ETA {_fmt_eta(eta)})")
+        else:
+            msg = f"{self.desc}: {self.count:,} {self.unit} ({r:,.1f}/s)"
+        if final:
+            msg = f"{self.desc}: done, {self.count:,} {self.unit} in {time.monotonic() - self._t0:.1f}s"
+        logger.info(msg, extra={"fields": fields})
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self._mode == "log":
+            self._log_line(final=True)
+
+
+def track(it: Iterable[T], desc: str, total: int | None = None, unit: str = "rows") -> Iterator[T]:
+    """Iterate with progress; each item counts one."""
+    with Progress(desc, total=total, unit=unit) as p:
+        for x in it:
+            yield x
+            p.advance(1)

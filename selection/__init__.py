@@ -1,0 +1,1 @@
+"""quadsel selection package."""
