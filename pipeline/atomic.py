@@ -16,6 +16,13 @@ from typing import Any, Iterator
 TMP_PREFIX = ".tmp-"
 
 
+def _default_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask); mkstemp would give 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a folder's entries (new names, renames) to disk; a no-op where unsupported."""
     try:
@@ -40,6 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    os.fchmod(fd, _default_mode())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
