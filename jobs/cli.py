@@ -1,0 +1,180 @@
+"""The ``quadsel`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.progress import configure_logging
+
+logger = logging.getLogger("quadsel")
+
+_EPILOG = """examples:
+  quadsel demo                               build the embedded corpus and run the main job on it
+  quadsel run job.yaml                       select; resumes if interrupted
+  quadsel run job.yaml --address auto        on an existing Ray cluster
+  quadsel cluster job.yaml --set cluster.k=500
+  quadsel inspect runs/my-run --top 30
+  quadsel inspect runs/my-run --cluster 12
+  quadsel config --defaults > job.yaml       a full config with every default
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    g.add_argument("--log-json", action="store_true", help="JSON log lines (for clusters / collectors)")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--progress", default="auto", choices=["auto", "pretty", "log", "quiet"],
+                   help="progress bars (pretty), periodic log lines (log) or none; auto picks by terminal")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="job config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set cluster.k=500 (repeatable)")
+    p.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quadsel", description="Select language-model training data that is influential and diverse (Quad).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="build the embedded default corpus and run the main job on it",
+                       description="Build a corpus from the Python standard library (code, docstrings, "
+                                   "language reference) plus spam, garbage and duplicates, then run on it.")
+    p.add_argument("--run-dir", default="demo-run", help="where the corpus and the run go (default: demo-run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="the whole selection job: pool -> Arrow shards of the selection",
+                       description="sources -> embed -> cluster -> fit scorer -> bandit -> shards. Finished "
+                                   "stages are cached; a killed run resumes from its last bandit round.")
+    _add_config(p)
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or HOST:PORT); "
+                                     "default: start Ray locally")
+    p.add_argument("--no-ray", action="store_true", help="score in-process instead of on Ray actors")
+    _add_common(p)
+
+    p = sub.add_parser("cluster", help="read, validate, embed and cluster a pool",
+                       description="sources -> embed -> cluster; writes clusters/assignments.parquet and "
+                                   "clusters/summary.parquet into the run directory.")
+    _add_config(p)
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="show a run's clusters, or one cluster's members",
+                       description="A table of clusters (size, neighbours, snippets nearest each centroid, "
+                                   "and bandit statistics for selection runs).")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--cluster", type=int, help="list this cluster's members with their scores")
+    p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    _add_common(p)
+
+    p = sub.add_parser("config", help="print a config", description="Print a complete job config.")
+    p.add_argument("--defaults", action="store_true", help="every field with its default (pool.path to fill in)")
+    p.add_argument("config", nargs="?", help="a config to validate and print resolved")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_common(p)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.lock import RunLockedError
+    from pipeline.sources import SourceError
+
+    from .config import ConfigError
+    from .inspect import InspectError
+    from .stages import JobError
+
+    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, FileNotFoundError,
+            PermissionError)
+
+
+def _load(args):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def cmd_cluster(args) -> int:
+    from .cluster_job import run_cluster
+    from .inspect import inspect_clusters
+
+    cfg = _load(args)
+    summary = run_cluster(cfg)
+    if not args.quiet:
+        inspect_clusters(cfg.run_dir, top=15)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .inspect import inspect_clusters
+    from .run_job import run_selection
+
+    if args.address:
+        args.overrides.append(f"ray.address={args.address}")
+    if args.no_ray:
+        args.overrides.append("ray.enabled=false")
+    cfg = _load(args)
+    summary = run_selection(cfg)
+    if not args.quiet:
+        inspect_clusters(cfg.run_dir, top=15)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo_job import run_demo
+
+    run_demo(Path(args.run_dir), seed=args.seed, overrides=args.overrides, quiet=args.quiet)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_cluster, inspect_clusters
+
+    if args.cluster is not None:
+        inspect_cluster(args.run_dir, args.cluster, top=args.top)
+    else:
+        inspect_clusters(args.run_dir, top=args.top)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import dump_config, load_config
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = load_config(None, args.overrides, base={"pool": {"path": "path/to/pool.jsonl"}})
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, json_lines=args.log_json, quiet=args.quiet, progress=args.progress)
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as e:
+        print(f"quadsel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quadsel {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

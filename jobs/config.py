@@ -1,0 +1,177 @@
+"""Job configuration: one YAML file, validated by pydantic, with ``--set key=value`` overrides.
+
+Each stage owns its own config model (``pipeline.sources.SourceConfig``,
+``pipeline.embed.EmbedConfig`` …); this module only composes them. Unknown keys and wrong types
+are errors that name the field and say what was expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.cluster import ClusterConfig
+from pipeline.embed import EmbedConfig
+from pipeline.shards import ShardConfig
+from pipeline.sources import SourceConfig
+
+
+class ConfigError(ValueError):
+    """A problem in a job config file or override that the user can fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProxyConfig(_Strict):
+    """The tiny proxy LM trained on the spot when no model is given."""
+
+    train_sample: int = Field(3000, gt=0, description="pool rows the proxy is trained on")
+    vocab_size: int = Field(4096, gt=256)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(None, description="HF model id or local path; null = train a proxy")
+    max_length: int = Field(256, gt=1)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, gt=0)
+    proxy: ProxyConfig = ProxyConfig()
+
+
+class ScorerConfig(_Strict):
+    name: str = "ekfac"
+    layers: Literal["attention", "mlp", "all"] = "all"
+    damping: float = Field(0.1, gt=0, description="absolute, or a multiple of the mean eigenvalue (relative)")
+    damping_mode: Literal["absolute", "relative"] = "relative"
+    projection_dim: int | None = Field(None, gt=0)
+    fit_on: Literal["pool", "reference"] = "pool"
+    fit_sample: int = Field(256, gt=0, description="texts the curvature is fitted on")
+    options: dict[str, Any] = Field(default_factory=dict, description="scorer-specific extras")
+
+
+class BudgetConfig(_Strict):
+    unit: Literal["examples", "tokens"] = "examples"
+    amount: int | None = Field(None, gt=0, description="absolute budget; or use fraction")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of the pool")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "BudgetConfig":
+        if (self.amount is None) == (self.fraction is None):
+            raise ValueError("give exactly one of budget.amount or budget.fraction")
+        return self
+
+
+class SelectionConfig(_Strict):
+    method: Literal["quad", "random", "topk", "cluster-topk"] = "quad"
+    budget: BudgetConfig = BudgetConfig(fraction=0.1)
+    quad: dict[str, Any] = Field(default_factory=dict, description="selection.QuadConfig fields")
+
+
+class RayConfig(_Strict):
+    enabled: bool = True
+    address: str | None = Field(None, description="join an existing cluster; null = start locally")
+    num_actors: int = Field(2, gt=0, description="scoring actors (one per GPU when GPUs exist)")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    max_task_retries: int = Field(3, ge=0)
+
+
+class JobConfig(_Strict):
+    run_dir: str = "runs/quadsel"
+    seed: int = 0
+    pool: SourceConfig
+    reference: SourceConfig | None = None
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    model: ModelConfig = ModelConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    selection: SelectionConfig = SelectionConfig()
+    ray: RayConfig = RayConfig()
+    output: ShardConfig = ShardConfig()
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `quadsel config --defaults`)"
+        got = e.get("input")
+        got_s = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> JobConfig:
+    """Read YAML (or start from ``base``), apply overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data.update(loaded)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,202 @@
+"""The cached data stages of a run: sources -> embed -> cluster, and the cluster table.
+
+Each stage's cache key hashes its own config, the keys of the stages before it and (for the
+sources) the input files' sizes and modification times, so a rerun with the same config and
+inputs reuses the work and any change recomputes exactly what depends on it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_path, atomic_write_text, stable_hash
+from pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
+from pipeline.embed import EmbeddingStore, embed_batches, make_embedder, sample_rows
+from pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
+from pipeline.stage import Stage
+from pipeline.store import PoolStore
+
+from .config import JobConfig, dump_config
+
+logger = logging.getLogger("quadsel.jobs")
+
+SNIPPET_CHARS = 160
+
+
+class JobError(RuntimeError):
+    """A run cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunContext:
+    cfg: JobConfig
+    run_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: JobConfig) -> "RunContext":
+        run_dir = Path(cfg.run_dir)
+        for sub in ("stages", "logs", "clusters"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.resolved.yaml", dump_config(cfg))
+        return cls(cfg=cfg, run_dir=run_dir)
+
+    def timed(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.monotonic() - t0, 3)
+
+
+def _fingerprint(src: SourceConfig) -> list[list[Any]]:
+    out = []
+    for p in resolve_paths(src.path, src.format):
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
+    key = stable_hash({"v": 1, "source": src.model_dump(mode="json"), "files": _fingerprint(src)})
+    ctx.keys[name] = key
+    stage = Stage(ctx.run_dir, name, key)
+    t0 = time.monotonic()
+    if stage.is_done():
+        logger.info("%s: reusing cached stage (%s rows)", name, stage.info().get("rows"))
+    else:
+        with stage.building() as tmp:
+            with RejectLog(tmp / "rejects.jsonl") as rejects:
+                store = PoolStore.write(iter_batches(src, rejects), tmp / "store")
+                summary = rejects.summary()
+            if len(store) == 0:
+                raise JobError(
+                    f"{name}: no valid rows in {src.path!r} "
+                    f"({rejects.total} rejected: {rejects.counts}); see the rejects listed above"
+                )
+            if rejects.total:
+                logger.warning("%s: %d rows rejected %s", name, rejects.total, rejects.counts)
+            stage.commit(tmp, {"rows": len(store), "rejects": summary})
+    ctx.timed(name, t0)
+    return PoolStore.open(stage.path / "store")
+
+
+def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
+    """The run's ``rejects.jsonl``: the rejects of every source stage, in stage order."""
+    with atomic_path(ctx.run_dir / "rejects.jsonl") as tmp, open(tmp, "wb") as out:
+        for name in names:
+            part = ctx.run_dir / "stages" / name / "rejects.jsonl"
+            if part.is_file():
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out)
+
+
+def read_sources(ctx: RunContext) -> tuple[PoolStore, PoolStore | None]:
+    pool = _read_source(ctx, "sources", ctx.cfg.pool)
+    ref = None
+    names = ["sources"]
+    if ctx.cfg.reference is not None:
+        ref = _read_source(ctx, "reference", ctx.cfg.reference)
+        names.append("reference")
+    _merge_rejects(ctx, names)
+    return pool, ref
+
+
+def embed_pool(ctx: RunContext, store: PoolStore) -> EmbeddingStore:
+    cfg = ctx.cfg.embed
+    key = stable_hash({"v": 1, "up": ctx.keys["sources"], "embed": cfg.model_dump(mode="json")})
+    ctx.keys["embed"] = key
+    stage = Stage(ctx.run_dir, "embed", key)
+    t0 = time.monotonic()
+    if stage.is_done():
+        logger.info("embed: reusing cached embeddings")
+    else:
+        with stage.building() as tmp:
+            embedder = make_embedder(cfg)
+            rows = sample_rows(len(store), cfg.fit_sample, cfg.seed)
+            embedder.fit(store.texts(rows))
+            embedder.save(tmp / "embedder")
+            batches = (
+                (b.column("id").to_pylist(), b.column("text").to_pylist())
+                for b in store.iter_batches(cfg.batch_size, columns=["id", "text"])
+            )
+            emb = embed_batches(embedder, batches, tmp / "vectors", total=len(store))
+            stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind})
+    ctx.timed("embed", t0)
+    return EmbeddingStore.open(stage.path / "vectors")
+
+
+def cluster_pool(ctx: RunContext, emb: EmbeddingStore) -> ClusterResult:
+    cfg = ctx.cfg.cluster
+    key = stable_hash({"v": 1, "up": ctx.keys["embed"], "cluster": cfg.model_dump(mode="json")})
+    ctx.keys["cluster"] = key
+    stage = Stage(ctx.run_dir, "cluster", key)
+    t0 = time.monotonic()
+    if stage.is_done():
+        logger.info("cluster: reusing cached clustering")
+    else:
+        if cfg.k > len(emb):
+            raise JobError(f"cluster.k = {cfg.k} is larger than the pool ({len(emb)} valid rows); "
+                           f"set cluster.k to at most {len(emb)}")
+        with stage.building() as tmp:
+            result = cluster_store(emb, cfg)
+            result.save(tmp / "result")
+            stage.commit(tmp, {"k": cfg.k, "backend": result.backend, "n_train": result.n_train})
+    ctx.timed("cluster", t0)
+    return ClusterResult.load(stage.path / "result")
+
+
+def snippet(text: str, n: int = SNIPPET_CHARS) -> str:
+    s = " ".join(text.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def write_assignments(ctx: RunContext, store: PoolStore, result: ClusterResult) -> Path:
+    path = ctx.run_dir / "clusters" / "assignments.parquet"
+    table = pa.table({
+        "row": pa.array(np.arange(len(store), dtype=np.int64)),
+        "id": pa.array(store.ids(), pa.string()),
+        "cluster": pa.array(result.assignments.astype(np.int32)),
+        "similarity": pa.array(result.similarity.astype(np.float32)),
+    })
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def cluster_table(store: PoolStore, result: ClusterResult, gamma: float,
+                  extra: dict[str, list[Any]] | None = None) -> pa.Table:
+    """One row per cluster: size, neighbours within gamma, representative ids and snippets."""
+    graph = neighbour_graph(result.centroids, gamma)
+    reps = representative_rows(result, n=3)
+    all_rep_rows = np.concatenate([r for r in reps if len(r)]) if any(len(r) for r in reps) else np.array([], int)
+    texts = dict(zip(all_rep_rows.tolist(), store.texts(all_rep_rows))) if len(all_rep_rows) else {}
+    ids = store.take(all_rep_rows, columns=["id"]).column("id").to_pylist() if len(all_rep_rows) else []
+    id_of = dict(zip(all_rep_rows.tolist(), ids))
+    sizes = np.bincount(result.assignments, minlength=len(result.centroids))
+    mean_sim = np.bincount(result.assignments, weights=result.similarity,
+                           minlength=len(result.centroids)) / np.maximum(sizes, 1)
+    cols: dict[str, Any] = {
+        "cluster": pa.array(np.arange(len(sizes), dtype=np.int32)),
+        "size": pa.array(sizes.astype(np.int64)),
+        "mean_similarity": pa.array(mean_sim.astype(np.float32)),
+        "neighbours": pa.array([[j for j, _ in g] for g in graph], pa.list_(pa.int32())),
+        "neighbour_distance": pa.array([[round(d, 6) for _, d in g] for g in graph], pa.list_(pa.float32())),
+        "representative_ids": pa.array([[id_of[r] for r in rs.tolist()] for rs in reps], pa.list_(pa.string())),
+        "snippets": pa.array([[snippet(texts[r]) for r in rs.tolist()] for rs in reps], pa.list_(pa.string())),
+    }
+    for name, values in (extra or {}).items():
+        cols[name] = pa.array(values)
+    return pa.table(cols)
+
+
+def write_cluster_summary(ctx: RunContext, table: pa.Table) -> Path:
+    path = ctx.run_dir / "clusters" / "summary.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
