@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -163,9 +164,24 @@ def cmd_config(args) -> int:
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "config": cmd_config}
 
 
+def _quiet_third_party() -> None:
+    """Our own progress reporting replaces the libraries' bars and chatter."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json, quiet=args.quiet, progress=args.progress)
+    _quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as e:

@@ -34,7 +34,8 @@ class ProxyConfig(_Strict):
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)
-    steps: int = Field(300, ge=0)
+    steps: int = Field(300, ge=1)
+    train_length: int = Field(128, gt=1, description="tokens per training sequence (<= model.max_length)")
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-3, gt=0)
 

@@ -23,13 +23,18 @@ def demo_config(run_dir: Path, pool: Path, reference: Path, seed: int) -> dict[s
         "reference": {"path": str(reference)},
         "embed": {"kind": "tfidf", "dim": 128, "seed": seed},
         "cluster": {"k": 48, "niter": 20, "seed": seed},
+        "model": {"path": None, "max_length": 256, "batch_size": 16,
+                  "proxy": {"train_sample": 2000, "steps": 200}},
+        "scorer": {"name": "ekfac", "layers": "all", "fit_sample": 256},
+        "selection": {"method": "quad", "budget": {"unit": "examples", "fraction": 0.1}},
+        "ray": {"enabled": True, "num_actors": 2},
     }
 
 
 def run_demo(run_dir: Path, *, seed: int = 0, overrides: list[str] | None = None,
              quiet: bool = False) -> dict[str, Any]:
-    from .cluster_job import run_cluster
     from .inspect import inspect_clusters
+    from .run_job import run_selection
 
     corpus = build_demo_corpus(run_dir / "data", seed=seed)
     cfg_path = run_dir / "demo.yaml"
@@ -37,7 +42,28 @@ def run_demo(run_dir: Path, *, seed: int = 0, overrides: list[str] | None = None
                                                sort_keys=False))
     cfg = load_config(cfg_path, overrides)
     logger.info("demo corpus %s -> config %s", corpus.counts, cfg_path)
-    summary = run_cluster(cfg)
+    summary = run_selection(cfg)
     if not quiet:
-        inspect_clusters(cfg.run_dir, top=20)
+        inspect_clusters(cfg.run_dir, top=12)
+        print_summary(summary, cfg.run_dir)
     return summary
+
+
+def print_summary(summary: dict[str, Any], run_dir: str) -> None:
+    from rich.console import Console
+
+    c = Console()
+    c.print(f"[bold]selected {summary['selected']:,} of {summary['pool_rows']:,} rows[/bold] "
+            f"({summary['method']}, budget {summary['budget']['amount']:,} {summary['budget']['unit']}) "
+            f"from {summary['clusters_taken']} of {summary['clusters']} clusters; "
+            f"scored {summary['scorer_calls']:,} rows ({summary['scored_share']:.1%} of the pool) "
+            f"in {summary['rounds']} rounds")
+    if "noise_share" in summary:
+        ns = summary["noise_share"]
+        c.print(f"noise (spam, garbage, duplicates): {ns['pool']:.1%} of the pool -> "
+                f"{ns['selection']:.1%} of the selection")
+        mix = summary["domain_mix"]
+        parts = [f"{d} {mix['selection'].get(d, 0) / max(1, summary['selected']):.0%}"
+                 f" (pool {n / summary['pool_rows']:.0%})" for d, n in mix["pool"].items()]
+        c.print("selection by domain: " + ", ".join(parts))
+    c.print(f"shards: {run_dir}/manifest.json   inspect: quadsel inspect {run_dir}")

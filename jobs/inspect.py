@@ -24,6 +24,12 @@ def _summary(run_dir: Path):
     return pq.read_table(path).to_pylist()
 
 
+def _console() -> Console:
+    """A terminal-width console; at least 150 columns when writing to a file or pipe."""
+    c = Console()
+    return c if c.is_terminal else Console(width=max(c.width, 150))
+
+
 def _fmt(v, spec: str = ".3f") -> str:
     if v is None:
         return "–"
@@ -35,21 +41,21 @@ def _fmt(v, spec: str = ".3f") -> str:
 def inspect_clusters(run_dir: str | Path, *, top: int = 20, console: Console | None = None) -> None:
     run_dir = Path(run_dir)
     rows = _summary(run_dir)
-    console = console or Console()
+    console = console or _console()
     has_sel = "selected" in (rows[0] if rows else {})
     key = (lambda r: (-r["selected"], -r["size"])) if has_sel else (lambda r: -r["size"])
     rows = sorted(rows, key=key)
     title = f"{run_dir}: {len(rows)} clusters, {sum(r['size'] for r in rows):,} rows"
     t = Table(title=title, show_lines=False, expand=True)
-    t.add_column("cluster", justify="right")
-    t.add_column("size", justify="right")
+    t.add_column("cluster", justify="right", no_wrap=True)
+    t.add_column("size", justify="right", no_wrap=True)
     if has_sel:
         for name in ("pulls", "reward ± sd", "CS", "selected"):
-            t.add_column(name, justify="right")
+            t.add_column(name, justify="right", no_wrap=True)
     t.add_column("neighbours", justify="right", max_width=14)
     if "top_terms" in rows[0]:
         t.add_column("top terms", max_width=28)
-    t.add_column("nearest the centroid", ratio=1)
+    t.add_column("nearest the centroid", ratio=1, min_width=40)
     for r in rows[:top]:
         cells = [str(r["cluster"]), f"{r['size']:,}"]
         if has_sel:
@@ -74,7 +80,7 @@ def inspect_cluster(run_dir: str | Path, cluster: int, *, top: int = 20,
     if not 0 <= cluster < len(rows):
         raise InspectError(f"--cluster {cluster} is out of range: this run has clusters 0..{len(rows) - 1}")
     info = rows[cluster]
-    console = console or Console()
+    console = console or _console()
     assign = pq.read_table(run_dir / "clusters" / "assignments.parquet",
                            filters=[("cluster", "==", cluster)]).to_pydict()
     scores: dict[int, float] = {}

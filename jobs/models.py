@@ -44,7 +44,8 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
         with stage.building() as tmp:
             build_proxy_model(pool.texts(rows), tmp / "model", seed=ctx.cfg.seed, vocab_size=p.vocab_size,
                               hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                              max_length=mcfg.max_length, steps=p.steps, batch_size=p.batch_size, lr=p.lr)
+                              max_length=mcfg.max_length,
+                              train_length=min(p.train_length, mcfg.max_length), steps=p.steps, batch_size=p.batch_size, lr=p.lr)
             stage.commit(tmp, {"train_rows": len(rows)})
     ctx.timed("proxy", t0)
     return str(stage.path / "model")

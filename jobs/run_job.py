@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from pipeline.lock import RunLock
+from pipeline.progress import Progress
 from pipeline.shards import ShardWriter, recover, selection_schema, verify
 from pipeline.stage import Stage
 from pipeline.store import PoolStore, expand_meta
@@ -166,12 +167,15 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     run_key = stable_hash({"stages": ctx.keys, "selection": cfg.selection.model_dump(mode="json"),
                            "quad": quad.model_dump(mode="json"), "budget": [budget.unit, budget.amount],
                            "seed": cfg.seed, "output": cfg.output.model_dump(mode="json")})
+    # what the manifest records: the job config (run_dir aside), so the same job gives the same bytes
+    config_hash = stable_hash(cfg.model_dump(mode="json", exclude={"run_dir"}))
     manifest_path = ctx.run_dir / "manifest.json"
     recover(ctx.run_dir)  # finish or roll back a shard commit that a kill interrupted
     if manifest_path.is_file():
         try:
             verify(ctx.run_dir)
-            if read_json(manifest_path).get("config_hash") == run_key:
+            done = ctx.run_dir / "summary.json"
+            if done.is_file() and read_json(done).get("run_key") == run_key:
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
                 return read_json(ctx.run_dir / "summary.json")
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
@@ -189,9 +193,14 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
             logger.warning("bandit/state.json belongs to another config; starting the selection over")
 
     rounds = {"n": 0}
+    progress = Progress("select", total=budget.amount, unit=budget.unit)
+    done_before = {"used": 0}
 
     def checkpoint(sel) -> None:
         rounds["n"] += 1
+        used = sel.tracker.used
+        progress.advance(used - done_before["used"])
+        done_before["used"] = used
         atomic_write_json(state_path, {"key": run_key, "round": len(sel.history()),
                                        "selector": sel.state_dict()})
         if stop_after_round is not None and rounds["n"] >= stop_after_round:
@@ -207,7 +216,8 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         else:
             def score_rows(rows):  # random never scores
                 raise JobError("the random selector asked for scores")
-        result = run_selector(selector, score_rows, on_round=checkpoint)
+        with progress:
+            result = run_selector(selector, score_rows, on_round=checkpoint)
     except _StopForTest:
         return {"stopped_after_round": rounds["n"]}
     finally:
@@ -245,11 +255,12 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         summary["domain_mix"] = {"pool": pool_mix, "selection": sel_mix,
                                  "note": "from the pool's `domain` field; the selector never reads it"}
         summary["noise_share"] = {"pool": round(noise(pool_mix), 4), "selection": round(noise(sel_mix), 4)}
-    manifest = _write_selection(ctx, pool, result, run_key,
+    manifest = _write_selection(ctx, pool, result, config_hash,
                                 extra={"selected": summary["selected"], "method": summary["method"]})
     summary["shards"] = len(manifest["shards"])
     ctx.timings["total"] = round(time.monotonic() - t_start, 3)
     summary["timings_s"] = ctx.timings
+    summary["run_key"] = run_key
     atomic_write_json(ctx.run_dir / "summary.json", summary)
     atomic_write_json(ctx.run_dir / "timings.json", ctx.timings)
     return summary

@@ -48,3 +48,43 @@ def pool_sample(bench_dir) -> list[dict]:
             if i % 10 == 0:
                 rows.append(json.loads(line))
     return rows
+
+
+def small_job(root: Path, *, method: str = "quad", ray: bool = False, relative: bool = False, **over) -> dict:
+    """A complete, fast job config on a small embedded corpus (seconds on CPU).
+
+    ``relative=True`` writes paths relative to ``root`` (run from there), so that two copies of
+    the same job in different folders have the same config.
+    """
+    from pipeline.demo import build_demo_corpus
+
+    data = root / "data"
+    if not (data / "pool.jsonl").is_file():
+        build_demo_corpus(data, seed=0, n_code=160, n_docstring=120, n_spam=40, n_garbage=30,
+                          n_duplicate=20, reference_topics=3, max_reference=24)
+    cfg = {
+        "run_dir": str(root / "run"),
+        "seed": 0,
+        "pool": {"path": str(data / "pool.jsonl"), "max_chars": 1500},
+        "reference": {"path": str(data / "reference.jsonl"), "max_chars": 1500},
+        "embed": {"kind": "tfidf", "dim": 32, "fit_sample": 2000},
+        "cluster": {"k": 12, "niter": 10},
+        "model": {"max_length": 64, "batch_size": 8,
+                  "proxy": {"train_sample": 200, "vocab_size": 512, "hidden_size": 32, "num_layers": 1,
+                            "num_heads": 2, "steps": 20, "batch_size": 8}},
+        "scorer": {"name": "ekfac", "fit_sample": 24},
+        "selection": {"method": method, "budget": {"unit": "examples", "amount": 60},
+                      "quad": {"arms_per_round": 3}},
+        "ray": {"enabled": ray, "num_actors": 2},
+    }
+    for key, value in over.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    if relative:
+        cfg["run_dir"] = "run"
+        cfg["pool"]["path"] = "data/pool.jsonl"
+        cfg["reference"]["path"] = "data/reference.jsonl"
+    return cfg
