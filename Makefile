@@ -43,13 +43,21 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --no-deps "kronfluence==1.0.1"
 	@touch $@
 
+# Headless Chromium from Debian for the report's browser test (skipped where it cannot be had).
+$(VENV)/.chromium: | $(PY)
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+		|| echo "warning: could not install chromium; the browser test will be skipped"; \
+	fi
+	@touch $@
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(VENV)/.chromium
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/quadsel demo --run-dir $(DEMO_DIR)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:
