@@ -19,6 +19,7 @@ _EPILOG = """examples:
   quadsel cluster job.yaml --set cluster.k=500
   quadsel inspect runs/my-run --top 30
   quadsel inspect runs/my-run --cluster 12
+  quadsel report runs/my-run                 a self-contained runs/my-run/report.html
   quadsel config --defaults > job.yaml       a full config with every default
 """
 
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--cluster", type=int, help="list this cluster's members with their scores")
     p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run",
+                       description="One HTML file (inline figures, no external resources): pool vs. selection "
+                                   "per cluster, score distributions, the bandit trajectory, a centroid map, "
+                                   "budget progress, rejects, domain mix, config and timings.")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--out", help="where to write it (default: RUN_DIR/report.html)")
     _add_common(p)
 
     p = sub.add_parser("config", help="print a config", description="Print a complete job config.")
@@ -150,6 +159,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import dump_config, load_config
 
@@ -161,7 +177,8 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "report": cmd_report,
+            "config": cmd_config}
 
 
 def _quiet_third_party() -> None:

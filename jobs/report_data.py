@@ -1,0 +1,261 @@
+"""Reading a run directory for ``quadsel inspect`` / ``quadsel report``, and cluster top terms.
+
+Everything here only reads the run (files other stages wrote), except the top-terms cache
+``clusters/top_terms.json``, which is written atomically the first time it is needed.
+
+Top terms: the pool's embedder hashes its features, so they have no names. Instead each
+cluster's terms are ranked TF-IDF style on word tokens of a seeded sample of its members: the
+share of sampled members containing a term, times the log inverse of the term's document
+frequency in the whole pool (estimated from the same samples, each cluster weighted by its
+size). Cheap (one pass over ``clusters x sample`` texts) and deterministic given the seed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
+from pipeline.progress import Progress
+from pipeline.store import PoolStore
+
+logger = logging.getLogger("quadsel.report")
+
+TOP_TERMS_FILE = "top_terms.json"
+WORD_PATTERN = r"(?u)\b[^\W\d_][^\W_]*(?:_[^\W_]+)*\b"  # words and snake_case names, no numbers
+TERM_SAMPLE = 48      # members sampled per cluster (fewer when there are many clusters)
+TERM_MAX_DOCS = 200_000  # at most this many sampled texts in all
+TERM_MAX_CHARS = 4000  # characters of each sampled text looked at
+
+
+class InspectError(ValueError):
+    """The directory is not a (finished enough) run, or an argument does not fit the run."""
+
+
+# -- top terms ----------------------------------------------------------------------------------
+def _sample_members(assignments: np.ndarray, k: int, sample: int, seed: int) -> list[np.ndarray]:
+    order = np.argsort(assignments, kind="stable")
+    bounds = np.searchsorted(assignments[order], np.arange(k + 1))
+    rng = np.random.default_rng([seed, 0x7E4D])
+    out = []
+    for c in range(k):
+        members = order[bounds[c]:bounds[c + 1]]
+        if len(members) > sample:
+            members = np.sort(rng.choice(members, size=sample, replace=False))
+        out.append(members.astype(np.int64))
+    return out
+
+
+def cluster_top_terms(pool_store: PoolStore, assignments: np.ndarray, k: int, n_terms: int = 8,
+                      seed: int = 0, *, sample: int = TERM_SAMPLE) -> list[list[str]]:
+    """The ``n_terms`` most characteristic words of each of the ``k`` clusters.
+
+    ``assignments[row]`` is the cluster of pool row ``row``. A term needs to occur in at least
+    two sampled members of a cluster (one for a cluster of one) to be listed.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    assignments = np.asarray(assignments, dtype=np.int64)
+    sample = min(sample, max(4, TERM_MAX_DOCS // max(k, 1)))
+    if len(assignments) != len(pool_store):
+        raise InspectError(f"cluster assignments cover {len(assignments)} rows but the pool store has "
+                           f"{len(pool_store)}: the run's stages are out of step; rerun the job")
+    picks = _sample_members(assignments, k, sample, seed)
+    rows = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(k), [len(p) for p in picks])
+    texts: list[str] = []
+    with Progress("top terms: read", total=len(rows), unit="docs") as prog:
+        for a in range(0, len(rows), 4096):
+            part = pool_store.texts(rows[a:a + 4096])
+            texts.extend(t[:TERM_MAX_CHARS] for t in part)
+            prog.advance(len(part))
+    out: list[list[str]] = [[] for _ in range(k)]
+    if not texts:
+        return out
+    vec = CountVectorizer(token_pattern=WORD_PATTERN, lowercase=True, stop_words="english",
+                          binary=True, dtype=np.float64)
+    try:
+        x = vec.fit_transform(texts).tocsr()
+    except ValueError:  # no word at all (e.g. a pool of numbers)
+        return out
+    import scipy.sparse as sp
+
+    n_sampled = np.bincount(owner, minlength=k).astype(np.float64)
+    sizes = np.bincount(assignments, minlength=k).astype(np.float64)
+    onehot = sp.csr_matrix((np.ones(len(owner)), (owner, np.arange(len(owner)))), shape=(k, len(owner)))
+    df = (onehot @ x).tocsr()  # sampled members of each cluster containing each term
+    weight = np.divide(sizes, n_sampled, out=np.zeros(k), where=n_sampled > 0)
+    pool_df = np.asarray(df.T @ weight).ravel()  # estimated pool document frequency
+    idf = np.log((1.0 + sizes.sum()) / (1.0 + pool_df))
+    vocab = vec.get_feature_names_out()
+    with Progress("top terms", total=k, unit="clusters") as prog:
+        for c in range(k):
+            lo, hi = df.indptr[c], df.indptr[c + 1]
+            cols, counts = df.indices[lo:hi], df.data[lo:hi]
+            keep = counts >= min(2.0, n_sampled[c])
+            cols, counts = cols[keep], counts[keep]
+            score = counts / max(n_sampled[c], 1.0) * idf[cols]
+            best = np.lexsort((cols, -np.round(score, 9)))[:n_terms]  # ties: alphabetical
+            out[c] = [str(vocab[j]) for j in cols[best]]
+            prog.advance(1)
+    return out
+
+
+def top_terms(run_dir: str | Path, k: int, *, n_terms: int = 8, seed: int = 0) -> list[list[str]] | None:
+    """The cached top terms of a run's clusters (computed and cached on first use).
+
+    None when the run no longer has its pool store (``stages/sources/store``).
+    """
+    run_dir = Path(run_dir)
+    assign_path = run_dir / "clusters" / "assignments.parquet"
+    store_dir = run_dir / "stages" / "sources" / "store"
+    cache = run_dir / "clusters" / TOP_TERMS_FILE
+    if not assign_path.is_file():
+        return None
+    key = stable_hash({"v": 1, "assignments": sha256_file(assign_path), "k": k, "n_terms": n_terms,
+                       "seed": seed, "sample": TERM_SAMPLE, "docs": TERM_MAX_DOCS,
+                       "chars": TERM_MAX_CHARS})
+    if cache.is_file():
+        try:
+            saved = read_json(cache)
+            if saved.get("key") == key and len(saved.get("terms", [])) == k:
+                return saved["terms"]
+        except (OSError, ValueError):
+            pass
+    if not store_dir.is_dir():
+        return None
+    logger.info("computing top terms of %d clusters (cached in %s)", k, cache)
+    table = pq.read_table(assign_path, columns=["row", "cluster"])
+    assignments = np.zeros(table.num_rows, dtype=np.int64)
+    assignments[table.column("row").to_numpy()] = table.column("cluster").to_numpy()
+    with PoolStore.open(store_dir) as store:
+        terms = cluster_top_terms(store, assignments, k, n_terms=n_terms, seed=seed)
+    try:
+        atomic_write_json(cache, {"key": key, "n_terms": n_terms, "seed": seed, "terms": terms})
+    except OSError as e:  # a read-only run directory still gets its terms, just not cached
+        logger.warning("could not cache top terms in %s: %s", cache, e)
+    return terms
+
+
+# -- the run directory --------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """What a report shows, read from a run directory; a missing part is None / empty."""
+
+    run_dir: Path
+    clusters: list[dict[str, Any]]
+    summary: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    config_text: str | None = None
+    history: list[dict[str, Any]] | None = None
+    probes: dict[str, np.ndarray] | None = None
+    selected: dict[str, np.ndarray] | None = None
+    rejects: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    centroids: np.ndarray | None = None
+    cluster_job: dict[str, Any] | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.clusters)
+
+    @property
+    def is_selection(self) -> bool:
+        return self.summary is not None and "selected" in self.summary
+
+    @property
+    def has_bandit(self) -> bool:
+        return any(h.get("phase") == "bandit" for h in self.history or [])
+
+
+def summary_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``clusters/summary.parquet`` as a list of dicts, or a clear error for a non-run dir."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InspectError(f"{run_dir}: no such directory")
+    path = run_dir / "clusters" / "summary.parquet"
+    if not path.is_file():
+        raise InspectError(f"{run_dir} has no clusters/summary.parquet: is it a quadsel run directory "
+                           f"whose cluster stage finished? (run `quadsel cluster` or `quadsel run` first)")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise InspectError(f"{path}: cannot read it ({e})") from None
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, ValueError) as e:
+        logger.warning("skipping %s: %s", path, e)
+        return None
+
+
+def _parquet_or_none(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    t = pq.read_table(path)
+    return {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+
+
+def read_rejects(path: Path, examples: int = 3) -> dict[str, Any]:
+    """Counts by reason and by (file, reason), and the first ``examples`` lines per reason.
+
+    ``truncated`` lines are rows that were kept (shortened), counted apart from rejects.
+    """
+    by_reason: Counter[str] = Counter()
+    by_file: Counter[tuple[str, str]] = Counter()
+    ex: dict[str, list[dict[str, Any]]] = {}
+    bad = 0
+    if path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    bad += 1
+                    continue
+                reason = str(rec.get("reason", "?"))
+                by_reason[reason] += 1
+                by_file[(str(rec.get("file", "?")), reason)] += 1
+                if len(ex.setdefault(reason, [])) < examples:
+                    ex[reason].append(rec)
+    return {"present": path.is_file(), "by_reason": dict(by_reason.most_common()),
+            "by_file": [[f, r, n] for (f, r), n in by_file.most_common()], "examples": ex,
+            "unreadable_lines": bad}
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    rows = summary_rows(run_dir)
+    data = RunData(run_dir=run_dir, clusters=rows)
+    data.summary = _json_or_none(run_dir / "summary.json")
+    data.cluster_job = _json_or_none(run_dir / "clusters" / "cluster_job.json")
+    timings = _json_or_none(run_dir / "timings.json")
+    if timings is None:
+        timings = (data.summary or data.cluster_job or {}).get("timings_s")
+    data.timings = dict(timings or {})
+    cfg = run_dir / "config.resolved.yaml"
+    data.config_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else None
+    hist = _json_or_none(run_dir / "bandit" / "history.json")
+    if hist is None:  # a run still selecting (or killed): its last checkpoint
+        state = _json_or_none(run_dir / "bandit" / "state.json")
+        hist = ((state or {}).get("selector") or {}).get("history")
+    data.history = hist
+    data.probes = _parquet_or_none(run_dir / "bandit" / "probes.parquet")
+    data.selected = _parquet_or_none(run_dir / "bandit" / "selected.parquet")
+    data.rejects = read_rejects(run_dir / "rejects.jsonl")
+    stages = run_dir / "stages"
+    if stages.is_dir():
+        for d in sorted(p for p in stages.iterdir() if (p / "_DONE.json").is_file()):
+            data.stages[d.name] = (_json_or_none(d / "_DONE.json") or {}).get("info", {})
+    cent = stages / "cluster" / "result" / "centroids.npy"
+    if cent.is_file():
+        data.centroids = np.load(cent, allow_pickle=False)
+    return data
