@@ -1,14 +1,18 @@
 """Embedding the pool: one L2-normalised float32 vector per example, stored as Arrow shards.
 
-- :mod:`.base`   ``EmbedConfig``, the ``Embedder`` interface, ``make_embedder`` / ``load_embedder``
+- :mod:`.base`   ``EmbedConfig`` (+ ``WhitenConfig``), the ``Embedder`` interface, the kind
+                 registry ``EMBEDDERS``, ``make_embedder`` / ``load_embedder``
 - :mod:`.tfidf`  hashed word+symbol n-grams -> tf-idf -> truncated SVD (default, no model)
 - :mod:`.hf`     any Hugging Face encoder, mean-pooled over non-padding tokens
+- ``hidden`` / ``gradient`` (a causal LM's mean-pooled hidden state / projected per-example
+  gradients) live in :mod:`influence.embedders` and are imported by kind on first use
 - :mod:`.store`  ``embed_batches`` (stream -> shards) and ``EmbeddingStore`` (memory-mapped reads)
 """
-from .base import EmbedConfig, Embedder, l2_normalize, load_embedder, make_embedder, sample_rows
+from .base import (EmbedConfig, Embedder, WhitenConfig, l2_normalize, load_embedder, make_embedder,
+                   sample_rows)
 from .store import EmbeddingStore, EmbeddingStoreError, embed_batches
 
 __all__ = [
     "EmbedConfig", "Embedder", "EmbeddingStore", "EmbeddingStoreError", "embed_batches",
-    "l2_normalize", "load_embedder", "make_embedder", "sample_rows",
+    "l2_normalize", "load_embedder", "make_embedder", "sample_rows", "WhitenConfig",
 ]

@@ -26,12 +26,31 @@ logger = logging.getLogger("quadsel.embed")
 META = "embedder.json"
 
 
+class WhitenConfig(BaseModel):
+    """ZCA whitening of the vectors before clustering (``embed.whiten``; see :mod:`pipeline.whiten`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    eps: float = Field(
+        1e-3, gt=0, description="regularisation: added to every covariance eigenvalue, as a "
+                                "fraction of their mean (larger = milder whitening)")
+    fit_sample: int = Field(50_000, gt=1, description="rows the mean and covariance are fitted "
+                                                      "on (a seeded sample; all rows when fewer)")
+    batch_size: int = Field(65_536, gt=0, description="rows per batch when applying it")
+
+
+# embedders that run a causal LM: ``model`` null means the run's proxy model
+MODEL_KINDS = ("hidden", "gradient")
+
+
 class EmbedConfig(BaseModel):
     """How the pool is embedded (``embed:`` in a job config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["tfidf", "hf"] = "tfidf"
+    # the order only shapes the error message: "… 'tfidf' or 'hf'"
+    kind: Literal["hidden", "gradient", "tfidf", "hf"] = "tfidf"
     dim: int = Field(256, gt=0, description="tfidf: SVD components (hf: the encoder's width is used)")
     fit_sample: int = Field(
         20_000, gt=0,
@@ -42,10 +61,32 @@ class EmbedConfig(BaseModel):
         2**14, gt=0,
         description="tfidf: hashed features kept for the SVD, the most document-frequent ones "
                     "that occur in at least 2 fitted documents")
-    batch_size: int = Field(1024, gt=0)
-    model: str | None = Field(None, description="hf: local path or hub id of an encoder")
-    max_length: int = Field(256, gt=0, description="hf: tokens per text (longer ones are truncated)")
-    device: str = Field("auto", description="hf: auto (cuda when present), cpu, cuda, cuda:1, …")
+    batch_size: int = Field(1024, gt=0, description="pool rows per embedding call (a work unit "
+                                                    "of the feature stage)")
+    model: str | None = Field(None, description="hf: local path or hub id of an encoder; "
+                                                "hidden/gradient: a causal LM (null = the run's "
+                                                "proxy model)")
+    max_length: int = Field(256, gt=0, description="hf/hidden/gradient: tokens per text (longer "
+                                                   "ones are truncated)")
+    device: str = Field("auto", description="hf/hidden/gradient: auto (cuda when present), cpu, "
+                                            "cuda, cuda:1, …")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="hidden/gradient: model weights (auto: float32 on CPU, bfloat16 on GPU)")
+    model_batch_size: int = Field(16, gt=0, description="hidden/gradient: texts per forward "
+                                                        "(and backward) pass")
+    layer: int = Field(-1, description="hidden: hidden-state index (0 = token embeddings, "
+                                       "-1 = the last layer's output)")
+    projection_dim: int = Field(2048, gt=0, description="gradient: projected gradient features "
+                                                        "(an upper bound; see influence.projection)")
+    gradient_layers: Literal["attention", "mlp", "all"] = Field(
+        "all", description="gradient: which weight matrices the gradient features cover")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="feature stage: in-process, or a Ray Data actor pool")
+    num_actors: int | None = Field(None, gt=0, description="ray backend: actors (null = "
+                                                           "ray.num_actors of the job)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="ray backend: GPUs per actor "
+                                                                 "(null = 1 when the cluster has GPUs)")
+    whiten: WhitenConfig = WhitenConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -53,6 +94,13 @@ class EmbedConfig(BaseModel):
         if self.kind == "hf" and not self.model:
             raise ValueError("embed.model is required when embed.kind is 'hf' "
                              "(a local folder or a Hugging Face model id)")
+        return self
+
+    def with_default_model(self, model: str | Path | None) -> "EmbedConfig":
+        """This config with ``model`` set to ``model`` (the run's proxy model) when the kind
+        runs a causal LM and no model was given; unchanged otherwise."""
+        if self.kind in MODEL_KINDS and not self.model and model is not None:
+            return self.model_copy(update={"model": str(model)})
         return self
 
 
@@ -89,20 +137,33 @@ class Embedder(ABC):
         return {"kind": self.kind, "dim": int(self.dim)}
 
 
+# kind -> "module:Class", imported on first use (the model-based embedders live in
+# influence/, which pipeline/ must not depend on at import time)
+EMBEDDERS: dict[str, str] = {
+    "tfidf": "pipeline.embed.tfidf:TfidfEmbedder",
+    "hf": "pipeline.embed.hf:HFEmbedder",
+    "hidden": "influence.embedders:HiddenStateEmbedder",
+    "gradient": "influence.embedders:GradientEmbedder",
+}
+
+
 def _embedder_class(kind: str) -> type[Embedder]:
-    if kind == "tfidf":
-        from .tfidf import TfidfEmbedder
+    import importlib
 
-        return TfidfEmbedder
-    if kind == "hf":
-        from .hf import HFEmbedder
-
-        return HFEmbedder
-    raise ValueError(f"unknown embedder kind {kind!r} (expected 'tfidf' or 'hf')")
+    target = EMBEDDERS.get(kind)
+    if target is None:
+        known = ", ".join(repr(k) for k in EMBEDDERS)
+        raise ValueError(f"unknown embedder kind {kind!r} (expected one of {known})")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def make_embedder(cfg: EmbedConfig) -> Embedder:
     """A new (unfitted) embedder of ``cfg.kind``."""
+    if cfg.kind in MODEL_KINDS and not cfg.model:
+        raise ValueError(f"embed.model is not set for embed.kind = {cfg.kind!r}: give a causal LM "
+                         "(local folder or hub id), or let the job pass the run's proxy model "
+                         "(EmbedConfig.with_default_model)")
     return _embedder_class(cfg.kind)(cfg)  # type: ignore[call-arg]
 
 

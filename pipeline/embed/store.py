@@ -47,7 +47,8 @@ def _shard_name(i: int) -> str:
     return f"vectors-{i:05d}.arrow"
 
 
-def _write_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+def write_vector_shard(path: Path, ids: Sequence[str], vectors: np.ndarray) -> None:
+    """One shard file (``id``, ``vector``; a single record batch), written atomically."""
     n, dim = vectors.shape
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
     batch = pa.RecordBatch.from_arrays(
@@ -89,7 +90,7 @@ def embed_batches(
         if not buf_ids:
             return
         name = _shard_name(len(shards))
-        _write_shard(out / name, buf_ids, buf[: len(buf_ids)])
+        write_vector_shard(out / name, buf_ids, buf[: len(buf_ids)])
         shards.append({"file": name, "rows": len(buf_ids), "offset": rows - len(buf_ids)})
         buf_ids = []
 
@@ -116,11 +117,19 @@ def embed_batches(
     if zero_rows:
         logger.warning("embed: %d of %d rows have an all-zero vector (no feature the embedder "
                        "knows); they join whichever cluster ties first", zero_rows, rows)
-    atomic_write_json(out / INDEX, {
-        "format": FORMAT, "version": VERSION, "rows": rows, "dim": dim, "shards": shards,
-        "zero_rows": zero_rows, "embedder": embedder.describe(),
-    })
+    write_index(out, rows=rows, dim=dim, shards=shards, zero_rows=zero_rows,
+                embedder=embedder.describe())
     return EmbeddingStore.open(out)
+
+
+def write_index(out: Path, *, rows: int, dim: int, shards: list[dict[str, Any]], zero_rows: int,
+                embedder: dict[str, Any], **extra: Any) -> None:
+    """``index.json`` (last: it marks the folder finished). ``shards``: ``{"file", "rows",
+    "offset"}`` in row order."""
+    atomic_write_json(Path(out) / INDEX, {
+        "format": FORMAT, "version": VERSION, "rows": rows, "dim": dim, "shards": shards,
+        "zero_rows": zero_rows, "embedder": embedder, **extra,
+    })
 
 
 class EmbeddingStore:
@@ -179,6 +188,17 @@ class EmbeddingStore:
             flat = col.chunk(0).flatten().to_numpy(zero_copy_only=True)
             self._mapped[i] = flat.reshape(-1, self._dim)
         return self._mapped[i]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def shard_vectors(self, i: int) -> np.ndarray:
+        """Shard ``i``'s vectors (a read-only view of the mapped file)."""
+        return self._shard_vectors(i)
+
+    def shard_ids(self, i: int) -> list[str]:
+        return self._table(i).column("id").to_pylist()
 
     def ids(self) -> list[str]:
         out: list[str] = []

@@ -1,0 +1,405 @@
+"""The distributed feature stage: pool shards -> feature shards keyed by id, on Ray Data or in-process.
+
+Work plan (independent of the number of workers): every input pool shard ``part-NNNNN.arrow``
+is cut into chunks of ``batch_size`` rows from its start; a chunk is the unit a worker embeds
+(``Embedder.transform`` on exactly those texts). Workers load the fitted embedder from
+``embedder_dir`` and read their texts from the memory-mapped pool store (both on storage every
+node sees). The driver places each chunk's vectors by row, and when an input shard is complete
+writes ``out_dir/part-NNNNN.arrow`` (ids + vectors, the :mod:`pipeline.embed.store` shard
+format) and then its done marker ``part-NNNNN.done.json``. ``index.json`` comes last, so the
+folder is an :class:`~pipeline.embed.EmbeddingStore` (rows in pool order) that
+:func:`pipeline.cluster.cluster_store` reads as it is.
+
+- Deterministic: the same chunks are embedded whatever the backend or worker count, and a row is
+  placed by its position, so the shards are byte-identical for 1 or N workers, local or Ray.
+- Resumable per shard: a rerun skips every shard whose marker matches (same embedder files, same
+  input shard, output present with the recorded size) and computes only the others.
+- Streaming: Ray Data feeds chunk descriptors to a fixed-size actor pool
+  (``map_batches(..., compute=ActorPoolStrategy(size=n))``) and the driver consumes results
+  with ``iter_batches`` in order (``preserve_order``); memory holds the shards in flight only.
+- Resources: ``num_gpus_per_actor`` > 0 puts each actor on its own GPU share (the embedder's
+  ``device: auto`` then picks CUDA); otherwise actors are CPU workers with
+  ``num_cpus_per_actor`` torch threads each. The local backend uses the same thread count so
+  that both give the same bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from .atomic import atomic_write_json, read_json, remove_stale_temps, sha256_file
+from .embed import EmbedConfig, EmbeddingStore, load_embedder, make_embedder, sample_rows
+from .embed.base import META, MODEL_KINDS
+from .embed.store import INDEX, write_index, write_vector_shard
+from .progress import Progress
+from .store import PoolStore
+
+logger = logging.getLogger("quadsel.features")
+
+DONE_SUFFIX = ".done.json"
+Backend = Literal["local", "ray"]
+
+
+def embedder_fingerprint(embedder_dir: str | Path) -> str:
+    """sha256 over the names and contents of the files of a saved embedder folder."""
+    root = Path(embedder_dir)
+    if not (root / META).is_file():
+        raise FileNotFoundError(f"{root / META}: no saved embedder here (save the fitted embedder "
+                                "with Embedder.save first)")
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".tmp-")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    shard: int   # input shard index
+    start: int   # first row within the shard
+    stop: int
+
+
+def plan_chunks(store: PoolStore, shards: list[int], batch_size: int) -> list[Chunk]:
+    """Chunks of ``batch_size`` rows from the start of each listed shard, in pool order."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = []
+    for s in shards:
+        rows = int(store.index["shards"][s]["rows"])
+        out.extend(Chunk(s, a, min(a + batch_size, rows)) for a in range(0, rows, batch_size))
+    return out
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if not n:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class FeatureWorker:
+    """Embeds chunks: what runs in each Ray actor (and in-process for the local backend)."""
+
+    def __init__(self, pool_root: str, embedder_dir: str, threads: int | None = None) -> None:
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            import torch
+
+            torch.set_num_threads(threads)
+        self.store = PoolStore.open(pool_root)
+        self.embedder = load_embedder(embedder_dir)
+
+    def embed(self, shard: int, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        off = int(self.store.index["shards"][shard]["offset"])
+        table = self.store.take(np.arange(off + start, off + stop), ["id", "text"])
+        ids = table.column("id").to_pylist()
+        vecs = np.ascontiguousarray(self.embedder.transform(table.column("text").to_pylist()), np.float32)
+        if vecs.shape != (len(ids), self.embedder.dim):
+            raise ValueError(f"features: {type(self.embedder).__name__} returned shape {vecs.shape} for "
+                             f"{len(ids)} texts, expected ({len(ids)}, {self.embedder.dim})")
+        return ids, vecs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data UDF: one row per chunk in, one row per chunk out (vectors as raw float32 bytes)."""
+        shards, starts, stops = (batch.column(c).to_pylist() for c in ("shard", "start", "stop"))
+        ids_out, vec_out = [], []
+        for s, a, b in zip(shards, starts, stops):
+            ids, vecs = self.embed(s, a, b)
+            ids_out.append(ids)
+            vec_out.append(vecs.tobytes())
+        return pa.table({"shard": pa.array(shards, pa.int64()), "start": pa.array(starts, pa.int64()),
+                         "ids": pa.array(ids_out, pa.list_(pa.string())),
+                         "vectors": pa.array(vec_out, pa.large_binary())})
+
+
+class _Assembler:
+    """Collects chunk results per input shard; writes a shard (then its marker) once complete."""
+
+    def __init__(self, store: PoolStore, out: Path, dim: int, marker: dict[str, Any]) -> None:
+        self.store, self.out, self.dim, self.marker = store, out, dim, marker
+        self.open: dict[int, tuple[list[str | None], np.ndarray, list[int]]] = {}
+        self.written = 0
+
+    def add(self, shard: int, start: int, ids: list[str], vecs: np.ndarray) -> None:
+        if shard not in self.open:
+            rows = int(self.store.index["shards"][shard]["rows"])
+            self.open[shard] = ([None] * rows, np.zeros((rows, self.dim), np.float32), [0])
+        sid, svec, filled = self.open[shard]
+        sid[start:start + len(ids)] = ids
+        svec[start:start + len(ids)] = vecs
+        filled[0] += len(ids)
+        if filled[0] == len(sid):
+            self._write(shard, sid, svec)  # type: ignore[arg-type]
+            del self.open[shard]
+
+    def _write(self, shard: int, ids: list[str], vecs: np.ndarray) -> None:
+        name = shard_name(self.store, shard)
+        write_vector_shard(self.out / name, ids, vecs)
+        zero = int(np.count_nonzero(~vecs.any(axis=1)))
+        atomic_write_json(self.out / (Path(name).stem + DONE_SUFFIX), {
+            **self.marker, "input": _input_info(self.store, shard), "file": name, "rows": len(ids),
+            "bytes": (self.out / name).stat().st_size, "zero_rows": zero})
+        self.written += 1
+
+
+def shard_name(store: PoolStore, shard: int) -> str:
+    return str(store.index["shards"][shard]["file"])
+
+
+def _input_info(store: PoolStore, shard: int) -> dict[str, Any]:
+    s = store.index["shards"][shard]
+    return {"file": s["file"], "rows": int(s["rows"]), "offset": int(s["offset"]), "bytes": int(s["bytes"])}
+
+
+def _is_done(store: PoolStore, out: Path, shard: int, marker: dict[str, Any]) -> bool:
+    name = shard_name(store, shard)
+    path = out / (Path(name).stem + DONE_SUFFIX)
+    if not path.is_file() or not (out / name).is_file():
+        return False
+    try:
+        got = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return (all(got.get(k) == v for k, v in marker.items()) and got.get("input") == _input_info(store, shard)
+            and got.get("bytes") == (out / name).stat().st_size)
+
+
+def compute_features(
+    store: PoolStore,
+    embedder_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    backend: Backend = "local",
+    num_actors: int = 1,
+    num_cpus_per_actor: float = 1.0,
+    num_gpus_per_actor: float = 0.0,
+    batch_size: int = 1024,
+    threads: int | None = None,
+    address: str | None = None,
+    stats: dict[str, Any] | None = None,
+) -> EmbeddingStore:
+    """Embed every row of ``store`` with the embedder saved in ``embedder_dir`` into ``out_dir``.
+
+    Shards already done (matching marker) are skipped; see the module docstring. With
+    ``backend="ray"`` an existing Ray connection is used, else ``ray.init(address)`` is called
+    (and shut down afterwards). ``threads``: torch threads per worker (default: the CPUs per
+    actor for Ray CPU actors, unchanged for the local backend; torch embedders give the same
+    bits on both backends only with the same thread count). ``stats``, when given, is filled
+    with timings: ``rows``, ``seconds``, ``first_result_s`` (start-up: workers loading the
+    embedder, first chunk) and ``steady_rows_per_s`` (rows after the first chunk per second).
+    """
+    t0 = time.perf_counter()
+    clock = _Clock(t0)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend: expected 'local' or 'ray', got {backend!r}")
+    if num_actors <= 0:
+        raise ValueError(f"num_actors must be positive, got {num_actors}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    (out / INDEX).unlink(missing_ok=True)  # unfinished until index.json is written again
+    embedder_dir = Path(embedder_dir).resolve()
+    meta = read_json(embedder_dir / META) if (embedder_dir / META).is_file() else {}
+    marker = {"embedder": embedder_fingerprint(embedder_dir), "batch_size": int(batch_size)}
+    n_shards = len(store.index["shards"])
+    todo = [s for s in range(n_shards) if not _is_done(store, out, s, marker)]
+    skipped = n_shards - len(todo)
+    if skipped:
+        logger.info("features: %d of %d shards already done (markers match); computing %d",
+                    skipped, n_shards, len(todo))
+    ray_threads = threads or (max(1, int(num_cpus_per_actor)) if not num_gpus_per_actor else None)
+    chunks = plan_chunks(store, todo, batch_size)
+    rows_todo = sum(c.stop - c.start for c in chunks)
+    dim = None
+    if chunks:
+        if backend == "local":
+            with _torch_threads(threads):
+                worker = FeatureWorker(str(store.root), str(embedder_dir), None)
+                dim = int(worker.embedder.dim)
+                asm = _Assembler(store, out, dim, marker)
+                with Progress("features", total=rows_todo, unit="rows") as prog:
+                    for c in chunks:
+                        ids, vecs = worker.embed(c.shard, c.start, c.stop)
+                        asm.add(c.shard, c.start, ids, vecs)
+                        prog.advance(len(ids))
+                        clock.tick(len(ids))
+        else:
+            dim = int(meta.get("dim", 0)) or None
+            asm = _run_ray(store, embedder_dir, out, chunks, marker, dim, rows_todo, num_actors=num_actors,
+                           num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, threads=ray_threads,
+                           address=address, clock=clock)
+        if asm.open:
+            raise RuntimeError(f"features: shards {sorted(asm.open)} did not receive all their rows")
+    result = _finish(store, out, meta)
+    if stats is not None:
+        stats.update(clock.summary(time.perf_counter() - t0), shards_done_before=skipped,
+                     shards_computed=len(todo))
+    return result
+
+
+class _Clock:
+    """Start-up time (until the first chunk is back) and the rate after it."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.first, self.last, self.rows, self.rows_first = t0, None, None, 0, 0
+
+    def tick(self, n: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first, self.rows_first = now, n
+        self.last, self.rows = now, self.rows + n
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        steady = None
+        if self.first is not None and self.last is not None and self.last > self.first:
+            steady = (self.rows - self.rows_first) / (self.last - self.first)
+        return {"rows": self.rows, "seconds": seconds,
+                "first_result_s": None if self.first is None else self.first - self.t0,
+                "steady_rows_per_s": steady}
+
+
+def _run_ray(store: PoolStore, embedder_dir: Path, out: Path, chunks: list[Chunk], marker: dict[str, Any],
+             dim: int | None, rows_todo: int, *, num_actors: int, num_cpus: float, num_gpus: float,
+             threads: int | None, address: str | None, clock: "_Clock") -> _Assembler:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True  # results come back in chunk (= pool) order
+    ctx.enable_progress_bars = False
+    try:
+        items = [{"shard": c.shard, "start": c.start, "stop": c.stop} for c in chunks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            FeatureWorker, batch_size=1, batch_format="pyarrow",
+            fn_constructor_kwargs={"pool_root": str(store.root.resolve()), "embedder_dir": str(embedder_dir),
+                                   "threads": threads},
+            compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus or None)
+        asm: _Assembler | None = None
+        with Progress("features", total=rows_todo, unit="rows") as prog:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    vecs = np.frombuffer(row["vectors"], dtype=np.float32).reshape(len(row["ids"]), -1)
+                    if asm is None:
+                        asm = _Assembler(store, out, dim or vecs.shape[1], marker)
+                    asm.add(row["shard"], row["start"], row["ids"], vecs)
+                    prog.advance(len(row["ids"]))
+                    clock.tick(len(row["ids"]))
+        logger.info("features: %d rows on %d Ray actors (%s CPU, %s GPU each)", rows_todo, num_actors,
+                    num_cpus, num_gpus)
+        assert asm is not None
+        return asm
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        if owns:
+            ray.shutdown()
+
+
+def prepare_embedder(store: PoolStore, cfg: EmbedConfig, path: str | Path) -> Path:
+    """Fit (on a seeded sample of ``cfg.fit_sample`` rows) and save the embedder into ``path``;
+    a folder saved earlier with the same config is reused. Model-based kinds (``hidden``,
+    ``gradient``) learn nothing: only their config is written, and the workers load the model
+    (so the driver never holds it); the model's files (sizes, mtimes) are recorded so that a
+    changed model invalidates the done markers."""
+    path = Path(path)
+    want = cfg.model_dump(mode="json")
+    if (path / META).is_file() and read_json(path / META).get("config") == want:
+        return path
+    if cfg.kind in MODEL_KINDS:
+        if not cfg.model:
+            raise ValueError(f"embed.model is not set for embed.kind = {cfg.kind!r} (pass the run's "
+                             "proxy model: EmbedConfig.with_default_model)")
+        local = Path(os.path.expanduser(cfg.model))
+        files = ([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(local.iterdir()) if p.is_file()]
+                 if local.is_dir() else None)
+        if files is None and (local.is_absolute() or cfg.model.startswith(".")):
+            raise ValueError(f"embed.model = {cfg.model!r}: no such folder")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path / META, {"kind": cfg.kind, "model": cfg.model, "model_files": files,
+                                        "config": want})
+        return path
+    emb = make_embedder(cfg)
+    emb.fit(store.texts(sample_rows(len(store), cfg.fit_sample, cfg.seed)))
+    emb.save(path)
+    return path
+
+
+def run_feature_stage(store: PoolStore, cfg: EmbedConfig, out_dir: str | Path, *,
+                      model_path: str | Path | None = None, num_actors: int = 1,
+                      num_cpus_per_actor: float = 1.0, address: str | None = None) -> EmbeddingStore:
+    """The whole embed stage into ``out_dir``: ``embedder/`` (fitted), ``features/`` (per-shard,
+    resumable) and, with ``cfg.whiten.enabled``, ``whitened/`` (whitener + whitened vectors).
+
+    ``model_path``: the run's proxy model, used by ``hidden``/``gradient`` when ``cfg.model`` is
+    null. ``cfg.backend`` picks local or Ray; ``cfg.num_actors`` / ``cfg.gpus_per_actor``
+    override ``num_actors`` / the default (1 GPU per actor when the Ray cluster has GPUs).
+    Returns the store to cluster (the whitened one when whitening is on).
+    """
+    from .whiten import maybe_whiten
+
+    cfg = cfg.with_default_model(model_path)
+    out = Path(out_dir)
+    emb_dir = prepare_embedder(store, cfg, out / "embedder")
+    gpus = cfg.gpus_per_actor
+    owns = False
+    try:
+        if cfg.backend == "ray" and gpus is None:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                owns = True
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        feats = compute_features(store, emb_dir, out / "features", backend=cfg.backend,
+                                 num_actors=cfg.num_actors or num_actors,
+                                 num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=gpus or 0.0,
+                                 batch_size=cfg.batch_size, address=address)
+    finally:
+        if owns:
+            import ray
+
+            ray.shutdown()
+    return maybe_whiten(feats, cfg.whiten, out / "whitened", seed=cfg.seed)
+
+
+def _finish(store: PoolStore, out: Path, meta: dict[str, Any]) -> EmbeddingStore:
+    """Check every shard is done, then write ``index.json`` (rows in pool order)."""
+    shards, zero_rows, dim = [], 0, None
+    for s in range(len(store.index["shards"])):
+        name = shard_name(store, s)
+        marker = read_json(out / (Path(name).stem + DONE_SUFFIX))
+        zero_rows += int(marker["zero_rows"])
+        shards.append({"file": name, "rows": int(marker["rows"]), "offset": int(store.index["shards"][s]["offset"])})
+    if shards:
+        import pyarrow.ipc as ipc
+
+        with pa.memory_map(str(out / shards[0]["file"]), "r") as m:
+            dim = ipc.open_file(m).schema.field("vector").type.list_size
+    dim = int(dim if dim is not None else meta.get("dim", 0))
+    if zero_rows:
+        logger.warning("features: %d of %d rows have an all-zero vector", zero_rows, len(store))
+    info = {k: v for k, v in meta.items() if k != "config"}
+    write_index(out, rows=len(store), dim=dim, shards=shards, zero_rows=zero_rows, embedder=info)
+    return EmbeddingStore.open(out)
