@@ -62,7 +62,8 @@ class ScorerConfig(_Strict):
 
 class BudgetConfig(_Strict):
     unit: Literal["examples", "tokens"] = "examples"
-    amount: int | None = Field(None, gt=0, description="absolute budget; or use fraction")
+    amount: int | None = Field(None, gt=0, description="absolute budget; or use fraction. More than the "
+                               "pool holds (after rejects) is an error, not 'select everything'")
     fraction: float | None = Field(None, gt=0, le=1, description="share of the pool")
 
     @model_validator(mode="after")
@@ -84,7 +85,9 @@ class RayConfig(_Strict):
     num_actors: int = Field(2, gt=0, description="scoring actors (one per GPU when GPUs exist)")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0)
-    max_task_retries: int = Field(3, ge=0)
+    max_task_retries: int = Field(0, ge=0, description="Ray-level retries of a scoring task on its "
+                                  "restarted actor; 0 lets quadsel resubmit the chunk to any live actor, "
+                                  "which also copes with a node that is gone for good")
 
 
 class JobConfig(_Strict):

@@ -7,18 +7,37 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.atomic import stable_hash
 from pipeline.stage import Stage
 from pipeline.store import PoolStore
 
 from pipeline.embed import sample_rows
 
-from .stages import RunContext
+from .stages import JobError, RunContext
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(mcfg) -> None:
+    """``model.path`` must be an existing local path or look like a hub id ("org/name").
+
+    A path that cannot be a hub id (absolute, ``./``, ``~``, several folders) and does not
+    exist is named at once, before any stage runs.
+    """
+    p = mcfg.path
+    if p is None or Path(os.path.expanduser(p)).exists():
+        return
+    if not _HUB_ID.match(p):
+        raise JobError(f"model.path: {p!r} does not exist (a local folder with config.json, or a "
+                       "Hugging Face model id like 'org/name'; null trains a proxy model)")
 
 logger = logging.getLogger("quadsel.jobs")
 
@@ -46,6 +65,7 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
                               hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
                               max_length=mcfg.max_length,
                               train_length=min(p.train_length, mcfg.max_length), steps=p.steps, batch_size=p.batch_size, lr=p.lr)
+            faults.point("proxy.trained")
             stage.commit(tmp, {"train_rows": len(rows)})
     ctx.timed("proxy", t0)
     return str(stage.path / "model")
@@ -55,8 +75,11 @@ def _load_model(ctx: RunContext, model_dir: str):
     from influence import InfluenceModel
 
     m = ctx.cfg.model
-    return InfluenceModel.load(model_dir, max_length=m.max_length, device=m.device, dtype=m.dtype,
-                               batch_size=m.batch_size)
+    try:
+        return InfluenceModel.load(model_dir, max_length=m.max_length, device=m.device, dtype=m.dtype,
+                                   batch_size=m.batch_size)
+    except ValueError as e:  # not a model folder, or a hub id that cannot be fetched
+        raise JobError(f"model.path: {e}") from None
 
 
 def token_lengths(ctx: RunContext, pool: PoolStore, model_dir: str) -> np.ndarray:
@@ -96,6 +119,7 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore, model_dir: str)
         else:
             fit_texts = pool.texts(sample_rows(len(pool), s.fit_sample, ctx.cfg.seed + 2))
         sc.fit(fit_texts)
+        faults.point("scorer.fitted")
         sc.set_reference(ref.texts(np.arange(len(ref))))
         with stage.building() as tmp:
             sc.save(tmp / "scorer")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import faults
 from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from pipeline.lock import RunLock
 from pipeline.progress import Progress
@@ -24,13 +25,33 @@ from pipeline.stage import Stage
 from pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
-from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
+from .models import check_model_path, fit_scorer, load_scorer_factory, prepare_model, token_lengths
 from .stages import (JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
 logger = logging.getLogger("quadsel.jobs")
 
 NOISE_DOMAINS = ("spam", "garbage", "duplicate")
+
+
+def _check_budget(cfg: JobConfig, n_rows: int, lengths: np.ndarray | None) -> None:
+    """A budget larger than the pool is an error (not "select everything"): it usually means the
+    rejects ate most of the pool or the amount has a typo, and saying so costs nothing, while
+    training a proxy and scoring to select the whole pool would waste the run."""
+    b = cfg.selection.budget
+    if b.amount is None:  # a fraction is at most the pool
+        return
+    if b.unit == "examples":
+        have, what = n_rows, f"{n_rows:,} valid rows"
+    elif lengths is not None:
+        have, what = int(lengths.sum()), f"{int(lengths.sum()):,} tokens in {n_rows:,} valid rows"
+    else:
+        return
+    if b.amount > have:
+        raise JobError(
+            f"selection.budget.amount = {b.amount:,} {b.unit} is more than the pool holds ({what}, "
+            f"see rejects.jsonl for the rows left out); set selection.budget.amount to at most "
+            f"{have:,} or use selection.budget.fraction")
 
 
 def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarray,
@@ -69,6 +90,7 @@ def _score_rows_fn(pool: PoolStore, workers, counter: dict[str, float]):
         scores = workers.score(texts)
         counter["scored"] += len(rows)
         counter["seconds"] += time.monotonic() - t0
+        faults.point("score.call")
         # float32 precision: scores must not depend on which worker (thread count) computed them
         return scores.astype(np.float32).astype(np.float64)
     return score_rows
@@ -127,15 +149,16 @@ def _domain_mix(pool: PoolStore, rows: np.ndarray | None) -> dict[str, int] | No
     """Count the pool's ``domain`` meta field (measurement only; no selector reads it)."""
     import json
 
-    table = pool.take(rows, columns=["meta"]) if rows is not None else None
-    metas = (table.column("meta").to_pylist() if table is not None else
-             [m for b in pool.iter_batches(8192, columns=["meta"]) for m in b.column("meta").to_pylist()])
+    # batch by batch: memory stays flat whatever the pool size
+    batches = ([pool.take(rows, columns=["meta"]).column("meta")] if rows is not None else
+               (b.column("meta") for b in pool.iter_batches(8192, columns=["meta"])))
     counts: dict[str, int] = {}
-    for m in metas:
-        d = json.loads(m).get("domain") if m else None
-        if d is None:
-            return None
-        counts[str(d)] = counts.get(str(d), 0) + 1
+    for col in batches:
+        for m in col.to_pylist():
+            d = json.loads(m).get("domain") if m else None
+            if d is None:
+                return None
+            counts[str(d)] = counts.get(str(d), 0) + 1
     return dict(sorted(counts.items()))
 
 
@@ -150,17 +173,20 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     from selection import make_selector, run_selector
 
     t_start = time.monotonic()
+    check_model_path(cfg.model)  # before anything is written
     ctx = RunContext.create(cfg)
     pool, ref = read_sources(ctx)
     if ref is None and cfg.selection.method != "random":
         raise JobError("reference: a reference set is required for influence scoring "
                        "(set reference.path), or use selection.method=random")
+    _check_budget(cfg, len(pool), None)
     emb = embed_pool(ctx, pool)
     clusters = cluster_pool(ctx, emb)
     write_assignments(ctx, pool, clusters)
 
     model_dir = prepare_model(ctx, pool) if cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens" else None
     lengths = token_lengths(ctx, pool, model_dir) if cfg.selection.budget.unit == "tokens" else None
+    _check_budget(cfg, len(pool), lengths)
     view, budget, quad = _selector_parts(cfg, clusters.assignments, clusters.centroids, lengths, len(pool))
     scorer_dir = fit_scorer(ctx, pool, ref, model_dir) if cfg.selection.method != "random" else None
 
@@ -201,8 +227,10 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         used = sel.tracker.used
         progress.advance(used - done_before["used"])
         done_before["used"] = used
+        faults.point("round.before_save")
         atomic_write_json(state_path, {"key": run_key, "round": len(sel.history()),
                                        "selector": sel.state_dict()})
+        faults.point("round.saved")
         if stop_after_round is not None and rounds["n"] >= stop_after_round:
             raise _StopForTest()
 
@@ -224,6 +252,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         if workers is not None:
             workers.shutdown()
     ctx.timed("select", t0)
+    faults.point("select.done")
 
     _write_bandit_tables(ctx, result, selector.probe_log())
     atomic_write_json(ctx.run_dir / "bandit" / "history.json", selector.history())
@@ -255,9 +284,14 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         summary["domain_mix"] = {"pool": pool_mix, "selection": sel_mix,
                                  "note": "from the pool's `domain` field; the selector never reads it"}
         summary["noise_share"] = {"pool": round(noise(pool_mix), 4), "selection": round(noise(sel_mix), 4)}
-    manifest = _write_selection(ctx, pool, result, config_hash,
-                                extra={"selected": summary["selected"], "method": summary["method"]})
+    try:
+        manifest = _write_selection(ctx, pool, result, config_hash,
+                                    extra={"selected": summary["selected"], "method": summary["method"]})
+    except OSError as e:  # disk full, quota, I/O error: the commit protocol kept the old state
+        raise JobError(f"writing the selection into {ctx.run_dir} failed: {e}; the previous manifest "
+                       "and shards (if any) are unchanged; fix the cause and rerun to resume") from e
     summary["shards"] = len(manifest["shards"])
+    faults.point("run.before_summary")
     ctx.timings["total"] = round(time.monotonic() - t_start, 3)
     summary["timings_s"] = ctx.timings
     summary["run_key"] = run_key

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import faults
 from pipeline.atomic import atomic_path, atomic_write_text, stable_hash
 from pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
 from pipeline.embed import EmbeddingStore, embed_batches, make_embedder, sample_rows
@@ -75,10 +76,9 @@ def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
                 store = PoolStore.write(iter_batches(src, rejects), tmp / "store")
                 summary = rejects.summary()
             if len(store) == 0:
-                raise JobError(
-                    f"{name}: no valid rows in {src.path!r} "
-                    f"({rejects.total} rejected: {rejects.counts}); see the rejects listed above"
-                )
+                why = (f"{rejects.total} rejected: {rejects.counts}; see the rejects listed above"
+                       if rejects.total else "the input has no rows")
+                raise JobError(f"{name}: no valid rows in {src.path!r} ({why})")
             if rejects.total:
                 logger.warning("%s: %d rows rejected %s", name, rejects.total, rejects.counts)
             stage.commit(tmp, {"rows": len(store), "rejects": summary})
@@ -124,6 +124,7 @@ def embed_pool(ctx: RunContext, store: PoolStore) -> EmbeddingStore:
             batches = (
                 (b.column("id").to_pylist(), b.column("text").to_pylist())
                 for b in store.iter_batches(cfg.batch_size, columns=["id", "text"])
+                if faults.point("embed.batch") is None
             )
             emb = embed_batches(embedder, batches, tmp / "vectors", total=len(store))
             stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind})
@@ -145,6 +146,7 @@ def cluster_pool(ctx: RunContext, emb: EmbeddingStore) -> ClusterResult:
                            f"set cluster.k to at most {len(emb)}")
         with stage.building() as tmp:
             result = cluster_store(emb, cfg)
+            faults.point("cluster.trained")
             result.save(tmp / "result")
             stage.commit(tmp, {"k": cfg.k, "backend": result.backend, "n_train": result.n_train})
     ctx.timed("cluster", t0)
@@ -160,7 +162,7 @@ def write_assignments(ctx: RunContext, store: PoolStore, result: ClusterResult) 
     path = ctx.run_dir / "clusters" / "assignments.parquet"
     table = pa.table({
         "row": pa.array(np.arange(len(store), dtype=np.int64)),
-        "id": pa.array(store.ids(), pa.string()),
+        "id": store.id_array(),  # zero-copy from the memory-mapped store (no Python list)
         "cluster": pa.array(result.assignments.astype(np.int32)),
         "similarity": pa.array(result.similarity.astype(np.float32)),
     })

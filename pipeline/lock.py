@@ -30,7 +30,7 @@ class RunLock:
             finally:
                 os.close(fd)
             raise RunLockedError(
-                f"{self.path.parent} is in use by another quadsel run (pid {holder}); wait for it to "
+                f"{self.path.parent.resolve()} is in use by another quadsel run (pid {holder}); wait for it to "
                 f"finish or choose another run_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -11,15 +11,19 @@ how many workers there are, which one scored what, or whether a chunk was retrie
 worker died.
 
 Fault tolerance: actors are created with ``max_restarts`` (Ray rebuilds a dead actor by
-rerunning its constructor) and ``max_task_retries``; on top of that, a chunk whose actor died
-is resubmitted to another actor, and an actor that is gone for good is replaced, up to
-``max_chunk_attempts`` tries per chunk.
+rerunning its constructor). A chunk whose actor died is resubmitted to another actor, up to
+``max_chunk_attempts`` tries per chunk; Ray's own task retries (``max_task_retries``) default
+to 0, since a retried task waits for its actor's restart, which never comes when the actor's
+node is gone and no other node has room for it. Chunks go only to actors known to be up (they
+answered an ``info()`` call since they last failed): an actor being restarted, or a
+replacement that cannot be scheduled, gets no work and the others go on; an actor that is dead
+for good is replaced (at most ``max_replacements`` times). With no actor up and nothing in
+flight the pool waits ``start_timeout`` seconds for one, then raises ``WorkerPoolError``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -66,7 +70,15 @@ class ScoreWorker:
         return chunk_id, out
 
     def info(self) -> dict[str, Any]:
-        return {"pid": self.pid, "node": os.uname().nodename}
+        node_id = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - informative only
+            pass
+        return {"pid": self.pid, "node": os.uname().nodename, "node_id": node_id}
 
 
 class LocalPool:
@@ -101,8 +113,10 @@ class RayPool:
         num_gpus: float | None = None,
         chunk_size: int = 32,
         max_restarts: int = 3,
-        max_task_retries: int = 3,
+        max_task_retries: int = 0,
         max_chunk_attempts: int = 4,
+        max_replacements: int | None = None,
+        start_timeout: float = 600.0,
         address: str | None = None,
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -131,7 +145,14 @@ class RayPool:
                              max_task_retries=max_task_retries)
         self._threads = max(1, int(num_cpus)) if not num_gpus else None
         self._remote_cls = ray.remote(ScoreWorker)
+        self.start_timeout = start_timeout
+        self.max_replacements = max_replacements if max_replacements is not None else 2 * num_actors
+        self._last_error = ""
         self.actors = [self._new_actor() for _ in range(num_actors)]
+        self._ready = [False] * num_actors
+        self._probing: dict[Any, int] = {}  # info() ref -> actor index, for actors not known to be up
+        for i in range(num_actors):
+            self._probe(i)
         logger.info("ray: %d scoring actors (%s CPU, %s GPU each) on %s", num_actors, num_cpus, num_gpus,
                     address or "a local cluster")
 
@@ -139,9 +160,44 @@ class RayPool:
         return self._remote_cls.options(**self._options).remote(self._factory, self._threads)
 
     def actor_info(self) -> list[dict[str, Any]]:
-        return self._ray.get([a.info.remote() for a in self.actors])
+        return self._ray.get([a.info.options(max_task_retries=-1).remote() for a in self.actors])
+
+    def _probe(self, idx: int) -> None:
+        """Ask actor ``idx`` for its info; it takes chunks once the answer is back (it is up)."""
+        if idx not in self._probing.values():
+            # retried through restarts: answers once the actor is up again, fails once it is dead
+            self._probing[self.actors[idx].info.options(max_task_retries=-1).remote()] = idx
+
+    def _replace(self, idx: int, why: str) -> None:
+        """Actor ``idx`` is gone for good: start a new one, unless too many were replaced."""
+        if self.replacements >= self.max_replacements:
+            logger.warning("scoring actor %d is gone (%s); not replaced (%d replacements already), "
+                           "going on with the others", idx, why, self.replacements)
+            self._last_error = why
+            return
+        try:
+            self._ray.kill(self.actors[idx], no_restart=True)
+        except Exception:  # noqa: BLE001 - it is dead already
+            pass
+        self.actors[idx] = self._new_actor()
+        self.replacements += 1
+        logger.warning("replaced scoring actor %d (%s)", idx, why)
+        self._probe(idx)
+
+    def _settle_probe(self, ref) -> None:
+        ray = self._ray
+        idx = self._probing.pop(ref)
+        try:
+            ray.get(ref)
+            self._ready[idx] = True
+        except ray.exceptions.RayActorError as e:  # dead and out of restarts (or failed to start)
+            self._ready[idx] = False
+            self._replace(idx, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Scores of ``texts`` in order. Chunks go only to actors that are up: an actor being
+        restarted, or one that cannot be scheduled any more (its node is gone and no other node
+        has room for it), simply gets nothing while the others go on."""
         ray = self._ray
         texts = list(texts)
         spans = _chunks(len(texts), self.chunk_size)
@@ -154,7 +210,10 @@ class RayPool:
 
         def submit() -> None:
             while pending:
-                idx = min(range(len(self.actors)), key=lambda i: busy[i])
+                up = [i for i in range(len(self.actors)) if self._ready[i]]
+                if not up:
+                    return
+                idx = min(up, key=lambda i: busy[i])
                 if busy[idx] >= per_actor:
                     return
                 cid = pending.pop()
@@ -165,9 +224,23 @@ class RayPool:
                 busy[idx] += 1
 
         submit()
-        while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1)
+        while pending or inflight:
+            if not inflight:  # nothing running: wait for an actor to come up (bounded)
+                if not self._probing:
+                    raise WorkerPoolError(f"no scoring actor is left ({self._last_error or 'all failed'})")
+                done, _ = ray.wait(list(self._probing), num_returns=1, timeout=self.start_timeout)
+                if not done:
+                    raise WorkerPoolError(
+                        f"no scoring actor came up within {self.start_timeout:.0f}s ({len(self._probing)} "
+                        f"waiting; each needs {self._options['num_cpus']} CPU / {self._options['num_gpus']} "
+                        f"GPU; cluster resources {ray.cluster_resources()})")
+            else:
+                done, _ = ray.wait(list(inflight) + list(self._probing), num_returns=1)
             ref = done[0]
+            if ref in self._probing:
+                self._settle_probe(ref)
+                submit()
+                continue
             cid, idx = inflight.pop(ref)
             busy[idx] -= 1
             try:
@@ -181,30 +254,11 @@ class RayPool:
                 logger.warning("scoring actor %d failed (%s); retrying chunk %d", idx, type(e).__name__, cid)
                 self.retried_chunks += 1
                 pending.append(cid)
-                if isinstance(e, ray.exceptions.RayActorError) and not self._alive(idx):
-                    self.actors[idx] = self._new_actor()
-                    self.replacements += 1
-                    busy[idx] = 0
-                    for r, (c, i) in list(inflight.items()):
-                        if i == idx:  # its other chunks are lost with it
-                            inflight.pop(r)
-                            pending.append(c)
-                    logger.warning("replaced scoring actor %d", idx)
+                if isinstance(e, ray.exceptions.RayActorError) and self._ready[idx]:
+                    self._ready[idx] = False  # until it answers again (restarted) or is replaced
+                    self._probe(idx)
             submit()
         return out
-
-    def _alive(self, idx: int, timeout: float = 30.0) -> bool:
-        ray = self._ray
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            try:
-                ray.get(self.actors[idx].info.remote(), timeout=timeout)
-                return True
-            except ray.exceptions.GetTimeoutError:
-                continue
-            except ray.exceptions.RayActorError:
-                return False
-        return False
 
     def shutdown(self) -> None:
         for a in self.actors:

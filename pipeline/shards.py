@@ -66,6 +66,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import faults
 from .atomic import (
     TMP_PREFIX,
     atomic_path,
@@ -588,6 +589,7 @@ class ShardWriter:
         cm.__exit__(None, None, None)  # fsync, rename into place, fsync folder
         self._shards.append({"path": f"{self.subdir}/{name}", "rows": self._shard_rows,
                              "bytes": sink.size, "sha256": sink.sha.hexdigest()})
+        faults.point("shards.shard")
         self._shard_rows = self._shard_bytes = 0
 
     def _build_manifest(self) -> dict:
@@ -620,12 +622,14 @@ class ShardWriter:
                     os.rename(mpath, withdrawn)
                     done.append("withdraw")
                     fsync_dir(run)
+                    faults.point("shards.withdrawn")
                 if live.exists():                       # step 4
                     os.rename(live, old)
                     done.append("set-aside")
                 os.rename(self._tmp, live)
                 done.append("install")
                 fsync_dir(run)
+                faults.point("shards.installed")
             # step 5 happened when the with-block exited: os.replace(staged, manifest.json)
         except BaseException:
             self._rollback(done, live, old, mpath, withdrawn)

@@ -40,6 +40,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import faults
+
 logger = logging.getLogger("quadsel")
 
 JSONL_EXTS = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json.gz")
@@ -607,6 +609,7 @@ def iter_examples(cfg: SourceConfig, rejects: RejectLog | None = None) -> Iterat
 
 def _examples(plan: list[tuple[Path, str]], v: _Validator) -> Iterator[Example]:
     for path, kind in plan:
+        faults.point("sources.file")
         yield from _read_file(path, kind, v)
 
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import faults
 from .atomic import atomic_write_json, fsync_dir, read_json
 
 DONE = "_DONE.json"
@@ -41,8 +42,8 @@ class Stage:
     def building(self) -> Iterator[Path]:
         """Yield a fresh temporary folder; on success it becomes the stage's folder."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f"{self.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*self.root.glob(f"{self.name}.tmp-*"), *self.root.glob(f"{self.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed in building / commit
         tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}.tmp-", dir=self.root))
         try:
             yield tmp
@@ -53,9 +54,11 @@ class Stage:
     def commit(self, tmp: Path, info: dict[str, Any] | None = None) -> None:
         """Mark ``tmp`` done and move it into place (replacing an outdated stage folder)."""
         atomic_write_json(tmp / DONE, {"key": self.key, "stage": self.name, "info": info or {}})
+        faults.point(f"stage.commit.{self.name}")
         if self.path.exists():
             old = self.root / f"{self.name}.old-{tmp.name[-8:]}"
             self.path.rename(old)
+            faults.point(f"stage.swap.{self.name}")
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(self.path)
         fsync_dir(self.root)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from . import faults
 from .atomic import atomic_path, atomic_write_json, fsync_dir, read_json, remove_stale_temps
 from .progress import Progress
 from .sources import Example
@@ -159,6 +160,7 @@ class PoolStore:
                         writer.write(buf[i:i + RECORD_BATCH_ROWS])
                     del buf[:full]
                     prog.advance(len(batch))
+                    faults.point("store.batch")
                 writer.write(buf)
                 writer.finish()
         except BaseException:
