@@ -1,0 +1,400 @@
+"""Influence feature benchmark: quadsel's factored projections vs a naive LESS-style baseline.
+
+    python -m bench.influence_bench                       # CPU: tiny-dense model, all three paths
+    python -m bench.influence_bench --model-size small    # CPU: a bigger model, (b) vs (c) only
+    python -m bench.influence_bench --model-size 125m --device cuda --dtype bf16   # GPU (T=1024)
+
+Same model, same texts, one run:
+
+(a) naive LESS-style: a per-example loop (batch of 1), the full gradient of the tracked weights
+    (``loss.backward()``, flattened), a DENSE Gaussian projection matrix ``[D_total, dim]``
+    applied to the stacked gradients every 16 examples (LESS's ``collect_grads`` does this). The
+    matrix is materialised once, so the model must be small enough for it to fit in memory
+    (``--naive-max-gb``); otherwise (a) is skipped and said so.
+(b) quadsel: ``FeatureExtractor(projection_dim=dim)`` — x projected in forward hooks, δ in
+    backward hooks, no weight gradients.
+(c) a plain forward + backward of the batch (``loss.backward()`` with weight gradients).
+
+Plus (d) the Quad fast path: ``ekfac`` scorer scoring with a collapsed reference (exact, and
+rank 32), which needs no features at all.
+
+Tokens/s counts real (non-padding) tokens. (b), (c), (d) are timed in interleaved rounds; each
+timing is the best of ``--repeats`` rounds after a warm-up (wall and process CPU time). Results go to ``--out`` (default bench/results_influence.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = REPO.parent / "shared" / "data" / "bench" / "pool.jsonl"
+MACHINE = "2-core CPU container, shared with other jobs (noisy)"
+
+SIZES = {
+    # tracked (attention + MLP) params ~131k: the dense [D, 8192] fp32 matrix is ~4.3 GB
+    "tiny-dense": dict(arch="llama", hidden=64, layers=2, heads=4, inter=256, vocab=4096, seq=256, batch=8),
+    # ~4.2M tracked params: the dense matrix would need ~137 GB, so (a) is skipped
+    "small": dict(arch="llama", hidden=256, layers=4, heads=4, inter=1024, vocab=8192, seq=256, batch=8),
+    # GPT-2 small shape (~124M params, Conv1D layers), T=1024: for a GPU
+    "125m": dict(arch="gpt2", hidden=768, layers=12, heads=12, inter=3072, vocab=50304, seq=1024, batch=8),
+}
+
+
+def build_model(cfg: dict, dtype: torch.dtype, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if cfg["arch"] == "gpt2":
+        c = GPT2Config(vocab_size=cfg["vocab"], n_embd=cfg["hidden"], n_layer=cfg["layers"], n_head=cfg["heads"],
+                       n_positions=cfg["seq"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(c)
+    else:
+        c = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["inter"],
+                        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                        num_key_value_heads=cfg["heads"], max_position_embeddings=cfg["seq"],
+                        tie_word_embeddings=False)
+        model = LlamaForCausalLM(c)
+    return model.to(dtype).eval()
+
+
+def load_texts(n: int, min_chars: int, seed: int) -> tuple[list[str], str]:
+    """Pool documents joined until each text has >= min_chars characters (full-length rows)."""
+    rng = np.random.default_rng(seed)
+    if POOL.is_file():
+        docs = [json.loads(line)["text"] for line in POOL.open(encoding="utf-8")]
+        src = f"bench pool ({POOL.name})"
+    else:
+        from influence.testing import random_texts
+
+        docs = random_texts(20000, seed=seed, min_words=20, max_words=200)
+        src = "synthetic random words (bench pool not found)"
+    order = rng.permutation(len(docs))
+    out, cur, k = [], [], 0
+    while len(out) < n:
+        cur.append(docs[order[k % len(order)]])
+        k += 1
+        if sum(map(len, cur)) >= min_chars:
+            out.append("\n\n".join(cur))
+            cur = []
+    return out, src
+
+
+def best_of(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` runs; the best process CPU time is kept in ``best_of.last_cpu`` (on a
+    shared machine CPU time is less disturbed by other jobs than wall time)."""
+    best, best_cpu = math.inf, math.inf
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    best_of.last_cpu = best_cpu
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-size", choices=sorted(SIZES), default="tiny-dense")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    ap.add_argument("--dtype", default=None, help="fp32 / bf16 (default: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the size's)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--n-docs", type=int, default=64, help="rows for (b), (c), (d)")
+    ap.add_argument("--naive-docs", type=int, default=32, help="rows for the per-example loop (a)")
+    ap.add_argument("--dim", type=int, default=8192, help="output feature dimension")
+    ap.add_argument("--naive-max-gb", type=float, default=6.0, help="largest dense matrix to materialise")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-scorer", action="store_true", help="skip (d)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results_influence.md"))
+    ap.add_argument("--accuracy", action="store_true",
+                    help="instead: accuracy of projected / low-rank scores vs exact on a trained proxy model")
+    ap.add_argument("--proxy-dir", default=None, help="--accuracy: reuse (or write) the proxy model here")
+    args = ap.parse_args(argv)
+    if args.accuracy:
+        return accuracy(args)
+
+    sys.path.insert(0, str(REPO))
+    from influence import FeatureExtractor, InfluenceModel, make_scorer
+    from influence.model import resolve_device, resolve_dtype
+    from influence.proxy import train_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = dict(SIZES[args.model_size])
+    if args.seq_len:
+        cfg["seq"] = args.seq_len
+    if args.batch_size:
+        cfg["batch"] = args.batch_size
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    T, B = cfg["seq"], cfg["batch"]
+
+    n_total = max(args.n_docs, args.naive_docs)
+    texts, src = load_texts(n_total + 16, min_chars=8 * T, seed=args.seed)
+    tok = train_tokenizer(texts[:400], min(cfg["vocab"], 4096), T)
+    model = build_model(cfg, dtype, args.seed)
+    im = InfluenceModel(model, tok, max_length=T, batch_size=B, device=device)
+    fe = FeatureExtractor(im, layers="all", projection_dim=args.dim, seed=args.seed)
+    d_total = sum(t.numel for t in fe.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = im.tokenize(texts[:n_total])
+    batches = list(im.batches_from_ids(ids[:args.n_docs], B))
+    n_tok = int(sum(int(b.attention_mask.sum()) for b in batches))
+    print(f"model {args.model_size}: {n_params / 1e6:.2f}M params, tracked D_total={d_total:,} in "
+          f"{len(fe.layers)} layers; feature dim {fe.layout.dim}; T={T}, batch {B}, {device}, {dtype}",
+          flush=True)
+
+    # (b) quadsel features, (c) plain forward + backward, (d) the Quad fast path: timed in
+    # interleaved rounds (b, c, d, b, c, d, ...) so that all see the same machine load
+    def features():
+        fe.compute_batches(batches, args.n_docs)
+
+    def plain():
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            loss = im.summed_loss(im.logits(b), b.input_ids, b.attention_mask).sum()
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    timed = {"b": features, "c": plain}
+    if not args.skip_scorer:
+        fit_texts, ref_texts = texts[n_total:n_total + 12], texts[n_total + 12:n_total + 16]
+        cand_texts = texts[:args.n_docs]
+        for label, kw in (("exact", {}), ("rank 32", {"rank": 32})):
+            sc = make_scorer("ekfac", im, damping=0.1, **kw)
+            sc.fit(fit_texts).set_reference(ref_texts)
+            timed[f"d {label}"] = (lambda sc=sc: sc.score(cand_texts))
+    for fn in timed.values():  # warm-up: projection matrices, allocator, first-call costs
+        fn()
+    best = {key: [math.inf, math.inf] for key in timed}
+    for _ in range(args.repeats):
+        for key, fn in timed.items():
+            wall = best_of(fn, 1)
+            best[key] = [min(best[key][0], wall), min(best[key][1], best_of.last_cpu)]
+    results: dict[str, dict] = {}
+    for key, (wall, cpu) in best.items():
+        results[key] = {"seconds": wall, "tokens": n_tok, "cpu": cpu}
+        print(f"({key}): {wall:.3f}s wall, {n_tok / wall:,.0f} tok/s; {cpu:.3f}s CPU", flush=True)
+
+    # (a) naive LESS-style ---------------------------------------------------------------------
+    mat_gb = d_total * args.dim * 4 / 1e9
+    if mat_gb > args.naive_max_gb:
+        results["a1"] = {"skipped": f"the dense [{d_total:,} x {args.dim}] fp32 matrix needs {mat_gb:.1f} GB "
+                                   f"(> --naive-max-gb {args.naive_max_gb})"}
+        print(f"(a) skipped: {results['a1']['skipped']}", flush=True)
+    else:
+        from influence.layers import get_modules
+
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        proj = (torch.randn(d_total, args.dim, generator=gen) / math.sqrt(args.dim)).to(device)
+        mods = get_modules(model, fe.layers)
+        naive_ids = ids[:args.naive_docs]
+        naive_tok = int(sum(len(x) for x in naive_ids))
+        grads: list[torch.Tensor] = []
+
+        def naive_grads():  # the per-example loop: batch of 1, full weight gradients, flattened
+            grads.clear()
+            for seq in naive_ids:
+                x = torch.tensor([seq], device=device)
+                m = torch.ones_like(x)
+                model.zero_grad(set_to_none=True)
+                loss = im.summed_loss(model(input_ids=x, attention_mask=m).logits, x, m).sum()
+                loss.backward()
+                grads.append(torch.cat([mod.weight.grad.reshape(-1).float() for mod in mods]))
+            model.zero_grad(set_to_none=True)
+
+        def naive_project(chunk: int):
+            out = np.zeros((len(grads), args.dim), dtype=np.float32)
+            for s0 in range(0, len(grads), chunk):
+                out[s0:s0 + chunk] = (torch.stack(grads[s0:s0 + chunk]) @ proj).cpu().numpy()
+            return out
+
+        t_grad = best_of(naive_grads, 1)
+        c_grad = best_of.last_cpu
+        for chunk in (1, 16):
+            t_p = best_of(lambda: naive_project(chunk), 1)
+            key = f"a{chunk}"
+            results[key] = {"seconds": t_grad + t_p, "tokens": naive_tok, "matrix_gb": mat_gb,
+                            "cpu": c_grad + best_of.last_cpu,
+                            "grad_seconds": t_grad, "project_seconds": t_p}
+            print(f"(a) naive LESS-style, projecting {chunk} rows at a time: {t_grad:.2f}s gradients + "
+                  f"{t_p:.2f}s projection for {len(naive_ids)} rows, {naive_tok / (t_grad + t_p):,.0f} tok/s",
+                  flush=True)
+        del proj
+
+    write_report(args, cfg, results, dict(n_params=n_params, d_total=d_total, layers=len(fe.layers),
+                                          feat_dim=fe.layout.dim, device=str(device), dtype=str(dtype),
+                                          src=src, n_tok=n_tok))
+    return 0
+
+
+def accuracy(args) -> int:
+    """Spearman of cheap scorer variants against the exact score, on a proxy model trained on the
+    bench pool (the real situation: a small trained model, real mixed-domain text)."""
+    import tempfile
+
+    from scipy.stats import spearmanr
+
+    sys.path.insert(0, str(REPO))
+    from influence import InfluenceModel, build_proxy_model, make_scorer
+
+    if not POOL.is_file():
+        print(f"--accuracy needs the bench pool at {POOL}")
+        return 2
+    rows = [json.loads(line)["text"] for line in POOL.open(encoding="utf-8")]
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(rows))
+    proxy_texts = [rows[i] for i in order[:5000]]
+    fit = [rows[i] for i in order[5000:5100]]
+    cand = [rows[i] for i in order[5100:5300]]
+    ref_path = POOL.parent / "targets" / "gsm8k" / "reference.jsonl"
+    ref = [json.loads(line)["text"] for line in ref_path.open(encoding="utf-8")][:20]
+    proxy = Path(args.proxy_dir) if args.proxy_dir else Path(tempfile.mkdtemp()) / "proxy"
+    t0 = time.perf_counter()
+    if not (proxy / "config.json").is_file():
+        build_proxy_model(proxy_texts, proxy, seed=args.seed)
+    t_proxy = time.perf_counter() - t0
+    im = InfluenceModel.load(proxy, max_length=128, batch_size=16, device="cpu")
+    table = []
+    for name, base_kw in (("grad-dot", {}), ("ekfac", {"damping": 0.1}), ("ekfac", {"damping": 1e-3,
+                                                                                  "damping_mode": "absolute"})):
+        exact = make_scorer(name, im, **base_kw).fit(fit).set_reference(ref)
+        s_exact = exact.score(cand)
+        for label, kw in (("projection_dim=8192, seed 0", {"projection_dim": 8192, "seed": 0}),
+                          ("projection_dim=8192, seed 1", {"projection_dim": 8192, "seed": 1}),
+                          ("projection_dim=32768", {"projection_dim": 32768}),
+                          ("rank=8", {"rank": 8}), ("rank=32", {"rank": 32})):
+            sc = make_scorer(name, im, **base_kw, **kw)
+            sc.curvature, sc.is_fitted = exact.curvature, True
+            rho = spearmanr(sc.set_reference(ref).score(cand), s_exact).statistic
+            table.append((name, base_kw, label, rho))
+            print(name, base_kw, label, f"{rho:.3f}", flush=True)
+    lines = ["### Influence accuracy: cheap variants vs exact (proxy model, bench pool)\n",
+             f"Command: `python -m bench.influence_bench --accuracy`  ",
+             f"Proxy: `build_proxy_model` defaults on 5,000 pool documents ({t_proxy:.0f}s here; "
+             "~0 when reused via --proxy-dir). 100 pool documents fit the curvature, reference = first 20 of "
+             "targets/gsm8k/reference.jsonl, 200 pool candidates, max_length 128. Spearman of each "
+             "variant's scores against the same scorer's exact scores (same fitted curvature).\n",
+             "| scorer | damping | variant | Spearman vs exact |", "|---|---|---|---:|"]
+    for name, kw, label, rho in table:
+        damp = "-" if not kw else (f"{kw['damping']} {kw.get('damping_mode', 'relative')}")
+        lines.append(f"| {name} | {damp} | {label} | {rho:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
+    from pipeline.atomic import atomic_write_text
+
+    atomic_write_text(out, replace_section(existing, lines[0], text))
+    return 0
+
+
+def write_report(args, cfg, res, info) -> None:
+    tps = {k: v["tokens"] / v["seconds"] for k, v in res.items() if "seconds" in v}
+    lines = []
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the command, without --out (where the report goes)
+        if skip or a.startswith("--out"):
+            skip = a == "--out"
+            continue
+        argv.append(a)
+    cmd = " ".join(["python -m bench.influence_bench"] + argv)
+    lines.append(section_header(args, cfg, info))
+    lines.append(f"Command: `{cmd}`  ")
+    dev = MACHINE if info["device"] == "cpu" else info["device"]
+    lines.append(f"Machine: {dev}; Python {platform.python_version()}, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads.  ")
+    lines.append(f"Model: {cfg['arch']}-style from config, {info['n_params'] / 1e6:.2f}M params; tracked "
+                 f"(attention + MLP) D_total = {info['d_total']:,} in {info['layers']} layers; "
+                 f"{info['dtype'].replace('torch.', '')}, T = {cfg['seq']} tokens per row (full rows), "
+                 f"batch {cfg['batch']}. Texts: {info['src']}. Feature dim {info['feat_dim']} "
+                 f"(requested {args.dim}). Best of {args.repeats} after a warm-up.\n")
+    lines.append("| path | rows | tokens/s (wall) | wall (s) | tokens per CPU-second |")
+    lines.append("|---|---:|---:|---:|---:|")
+    names = {"a1": "(a) naive LESS-style: per-example loop, full gradient, dense Gaussian projection of each row",
+             "a16": "(a') the same, projecting 16 rows per matmul (LESS's `collect_grads`)",
+             "b": "(b) quadsel `FeatureExtractor` (factored projection in hooks, no weight grads)",
+             "c": "(c) plain forward + backward (weight grads)",
+             "d exact": "(d) `ekfac` scorer, exact collapsed reference (no features)",
+             "d rank 32": "(d) `ekfac` scorer, rank-32 reference"}
+    for k in names:
+        if k not in res:
+            continue
+        v = res[k]
+        if "skipped" in v:
+            lines.append(f"| {names[k]} | - | skipped: {v['skipped']} | - | - |")
+            continue
+        rows = args.naive_docs if k.startswith("a") else args.n_docs
+        extra = (f" ({v['grad_seconds']:.2f} gradients + {v['project_seconds']:.2f} projection)"
+                 if k.startswith("a") else "")
+        lines.append(f"| {names[k]} | {rows} | {tps[k]:,.0f} | {v['seconds']:.2f}{extra} | "
+                     f"{v['tokens'] / v['cpu']:,.0f} |")
+    lines.append("")
+    for k in ("a1", "a16"):
+        if k in tps:
+            r = tps["b"] / tps[k]
+            rc = (res["b"]["tokens"] / res["b"]["cpu"]) / (res[k]["tokens"] / res[k]["cpu"])
+            lines.append(f"- (b) vs {'(a)' if k == 'a1' else chr(40) + 'a' + chr(39) + chr(41)}: **{r:.0f}x** "
+                         f"more tokens/s wall, {rc:.0f}x per CPU-second (goal >= 50x: "
+                         f"{'met' if r >= 50 else 'NOT met'}); dense matrix {res[k]['matrix_gb']:.1f} GB.")
+    r = res["b"]["seconds"] / res["c"]["seconds"]
+    rc = res["b"]["cpu"] / res["c"]["cpu"]
+    lines.append(f"- (b) / (c) time: **{r:.2f}x** wall, {rc:.2f}x CPU (goal <= 1.0x: "
+                 f"{'met' if r <= 1.0 else 'NOT met'}; limit ~0.7x: {'met' if r <= 0.7 else 'not met'}).")
+    for k in ("d exact", "d rank 32"):
+        if k in res:
+            lines.append(f"- {k[2:]} EK-FAC scoring / (c) time: {res[k]['seconds'] / res['c']['seconds']:.2f}x.")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = Path(args.out)
+    header = section_header(args, cfg, info)
+    existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
+    from pipeline.atomic import atomic_write_text
+
+    atomic_write_text(out, replace_section(existing, header, text))
+
+
+def section_header(args, cfg, info) -> str:
+    dt = info["dtype"].replace("torch.", "")
+    return f"### Influence features benchmark (`{args.model_size}`, T={cfg['seq']}, {info['device']}, {dt})\n"
+
+
+def replace_section(existing: str, header: str, text: str) -> str:
+    """Replace the section that starts with ``header`` (up to the next heading of level <= 3),
+    or append ``text`` at the end; every other part of the file is kept."""
+    import re
+
+    lines = existing.splitlines(keepends=True)
+    out, i, done = [], 0, False
+    while i < len(lines):
+        if lines[i] == header:
+            i += 1
+            while i < len(lines) and not re.match(r"#{1,3} ", lines[i]):
+                i += 1
+            out.append(text + "\n")
+            done = True
+        else:
+            out.append(lines[i])
+            i += 1
+    if not done:  # new sections go before the README section, if there is one
+        at = next((k for k, line in enumerate(out) if re.match(r"#{2,3} README section", line)), len(out))
+        out.insert(at, ("\n" if at and out[at - 1].strip() else "") + text + "\n")
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

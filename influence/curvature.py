@@ -1,0 +1,254 @@
+"""Curvature strategies (kronfluence style): each is a small class with ``fit`` and ``precondition``.
+
+Per tracked layer (gradient ``G = Σ_t δ_t x_tᵀ``, ``[out, in]``):
+
+- ``identity``: ``precondition(V) = V``.
+- ``kfac``: ``A = E_tok[x xᵀ]``, ``S = E_tok[δ δᵀ]`` (means over non-padding tokens, as in
+  kronfluence), eigendecomposed in float64 (``A = Q_A diag(a) Q_Aᵀ``, ``S = Q_S diag(s) Q_Sᵀ``);
+  ``precondition(V) = Q_S [(Q_Sᵀ V Q_A) ⊘ (s aᵀ + λ)] Q_Aᵀ`` = ``(S ⊗ A + λI)⁻¹ vec(V)``
+  (row-major vec).
+- ``ekfac``: as kfac with the Kronecker eigenvalues replaced by
+  ``Λ = E_ex[(Q_Sᵀ G Q_A)²]`` (mean over examples of the per-example gradients rotated into the
+  eigenbasis; computed per layer and batch, never stored).
+
+Damping ``λ``: ``damping_mode="absolute"`` adds ``damping``; ``"relative"`` adds
+``damping × mean(eigenvalues)`` of that layer (kronfluence's heuristic is relative 0.1).
+Note the scale convention (kronfluence's): kfac eigenvalues are per token, ekfac's ``Λ`` is per
+example (summed over its tokens), so an absolute damping means different things for the two.
+
+The Fisher is the empirical one (the data's own next tokens) by default; ``fisher="true"`` samples
+targets from the model. Fitted factors save to ``curvature.safetensors`` + ``curvature.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Literal, Sequence
+
+import torch
+
+from .hooks import GradientPass
+from .layers import TrackedLayer
+from .model import InfluenceModel
+
+logger = logging.getLogger("quadsel.influence")
+
+
+@dataclass
+class CurvatureArgs:
+    damping: float = 0.1
+    damping_mode: Literal["absolute", "relative"] = "relative"
+    fisher: Literal["empirical", "true"] = "empirical"
+    seed: int = 0  # label sampling for fisher="true"
+
+    def __post_init__(self) -> None:
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.damping_mode not in ("absolute", "relative"):
+            raise ValueError(f"damping_mode: expected 'absolute' or 'relative', got {self.damping_mode!r}")
+        if self.fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher: expected 'empirical' or 'true', got {self.fisher!r}")
+
+
+class Curvature(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, args: CurvatureArgs | None = None, **kwargs) -> None:
+        self.args = args or CurvatureArgs(**kwargs)
+        self.fitted = False
+        self.layers: list[dict] = []  # layer descriptions the factors belong to
+
+    @abstractmethod
+    def fit(self, im: InfluenceModel, layers: Sequence[TrackedLayer], texts: Sequence[str],
+            batch_size: int | None = None) -> "Curvature":
+        ...
+
+    @abstractmethod
+    def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """Preconditioned ``[out, in]`` gradient (float64) for the layer called ``name``."""
+
+    # -------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save(self, directory: str | Path) -> None:
+        from pipeline.atomic import atomic_path, atomic_write_text, canonical_json
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(d / "curvature.safetensors") as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(d / "curvature.json", canonical_json(
+            {"strategy": self.name, "args": asdict(self.args), "fitted": self.fitted, "layers": self.layers}))
+
+    def _check_fitted(self, name: str) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{self.name} curvature is not fitted: call fit(texts) first")
+
+    def _check_layers(self, layers: Sequence[TrackedLayer]) -> None:
+        want = [t.describe() for t in layers]
+        if self.fitted and self.layers and want != self.layers:
+            raise ValueError("curvature was fitted for other tracked layers than the scorer uses")
+
+
+class IdentityCurvature(Curvature):
+    name = "identity"
+
+    def fit(self, im, layers, texts, batch_size=None):
+        self.layers = [t.describe() for t in layers]
+        self.fitted = True
+        return self
+
+    def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        return v.to(torch.float64)
+
+
+class KFAC(Curvature):
+    name = "kfac"
+
+    def __init__(self, args: CurvatureArgs | None = None, **kwargs) -> None:
+        super().__init__(args, **kwargs)
+        self.q_a: dict[str, torch.Tensor] = {}
+        self.q_s: dict[str, torch.Tensor] = {}
+        self.eig_a: dict[str, torch.Tensor] = {}
+        self.eig_s: dict[str, torch.Tensor] = {}
+        self.lam: dict[str, torch.Tensor] = {}  # the eigenvalues used to precondition, [out, in]
+
+    # -------------------------------------------------------------- fitting
+    def fit(self, im, layers, texts, batch_size=None):
+        from pipeline.progress import Progress
+
+        texts = list(texts)
+        if not texts:
+            raise ValueError("curvature fit: no texts given")
+        layers = list(layers)
+        cov_a = [torch.zeros(t.in_features, t.in_features, dtype=torch.float64, device=im.device) for t in layers]
+        cov_s = [torch.zeros(t.out_features, t.out_features, dtype=torch.float64, device=im.device) for t in layers]
+        count = {"tok": 0.0}
+
+        def consumer(i, x, d):
+            xa = x.reshape(-1, x.shape[-1])
+            da = d.reshape(-1, d.shape[-1])
+            cov_a[i] += (xa.T @ xa).double()
+            cov_s[i] += (da.T @ da).double()
+
+        gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
+        with GradientPass(im, layers, [(None, None)] * len(layers), consumer) as gp, \
+                Progress(f"{self.name} covariances", total=len(texts), unit="docs") as prog:
+            for b in im.batches(texts, batch_size):
+                gp.run(b, fisher=self.args.fisher, generator=gen)
+                count["tok"] += float(b.attention_mask.sum())
+                prog.advance(b.size)
+        n_tok = max(count["tok"], 1.0)
+        for t, a, s in zip(layers, cov_a, cov_s):
+            ea, qa = torch.linalg.eigh((a / n_tok).cpu())
+            es, qs = torch.linalg.eigh((s / n_tok).cpu())
+            self.q_a[t.name], self.eig_a[t.name] = qa, ea.clamp_min(0)
+            self.q_s[t.name], self.eig_s[t.name] = qs, es.clamp_min(0)
+            self.lam[t.name] = torch.outer(self.eig_s[t.name], self.eig_a[t.name])
+        self.layers = [t.describe() for t in layers]
+        self.fitted = True
+        return self
+
+    # -------------------------------------------------------------- preconditioning
+    def damping_for(self, name: str) -> float:
+        lam = self.lam[name]
+        if self.args.damping_mode == "relative":
+            return float(self.args.damping * lam.mean())
+        return float(self.args.damping)
+
+    def precondition(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        self._check_fitted(name)
+        if name not in self.q_a:
+            raise KeyError(f"no curvature factors for layer {name!r}")
+        qa, qs, lam = self.q_a[name], self.q_s[name], self.lam[name]
+        v = v.to(torch.float64).cpu()
+        rot = qs.T @ v @ qa
+        den = lam + self.damping_for(name)
+        # a direction with zero curvature and zero damping (a layer that never got a gradient)
+        # is left out rather than divided by zero
+        rot = torch.where(den > 0, rot / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(rot))
+        return qs @ rot @ qa.T
+
+    # -------------------------------------------------------------- persistence
+    def state_dict(self):
+        out = {}
+        for name in self.q_a:
+            out[f"{name}::q_a"] = self.q_a[name]
+            out[f"{name}::q_s"] = self.q_s[name]
+            out[f"{name}::eig_a"] = self.eig_a[name]
+            out[f"{name}::eig_s"] = self.eig_s[name]
+            out[f"{name}::lambda"] = self.lam[name]
+        return out
+
+    def load_state_dict(self, state):
+        for key, val in state.items():
+            name, part = key.rsplit("::", 1)
+            {"q_a": self.q_a, "q_s": self.q_s, "eig_a": self.eig_a, "eig_s": self.eig_s,
+             "lambda": self.lam}[part][name] = val.to(torch.float64)
+
+
+class EKFAC(KFAC):
+    name = "ekfac"
+
+    def fit(self, im, layers, texts, batch_size=None):
+        from pipeline.progress import Progress
+
+        super().fit(im, layers, texts, batch_size)  # covariances + eigenbases
+        layers = list(layers)
+        texts = list(texts)
+        maps = [(self.q_a[t.name].T.float(), self.q_s[t.name].T.float()) for t in layers]
+        acc = [torch.zeros(t.out_features, t.in_features, dtype=torch.float64, device=im.device) for t in layers]
+
+        def consumer(i, x, d):
+            # x = Q_Aᵀ x_t, d = Q_Sᵀ δ_t  ->  Q_Sᵀ G_b Q_A = Σ_t d_t x_tᵀ per example
+            g = torch.bmm(d.transpose(1, 2), x)
+            acc[i] += g.square().sum(0).double()
+
+        n = 0
+        gen = torch.Generator(device="cpu").manual_seed(self.args.seed + 1)
+        with GradientPass(im, layers, maps, consumer) as gp, \
+                Progress("ekfac eigenvalue correction", total=len(texts), unit="docs") as prog:
+            for b in im.batches(texts, batch_size):
+                gp.run(b, fisher=self.args.fisher, generator=gen)
+                n += b.size
+                prog.advance(b.size)
+        for t, a in zip(layers, acc):
+            self.lam[t.name] = (a / n).cpu()
+        return self
+
+
+STRATEGIES: dict[str, type[Curvature]] = {c.name: c for c in (IdentityCurvature, KFAC, EKFAC)}
+
+
+def make_curvature(name: str, **kwargs) -> Curvature:
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"curvature: unknown strategy {name!r}; available: {sorted(STRATEGIES)}") from None
+    return cls(CurvatureArgs(**kwargs))
+
+
+def load_curvature(directory: str | Path) -> Curvature:
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta_path = d / "curvature.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no curvature.json in {d}")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cur = make_curvature(meta["strategy"], **meta["args"])
+    cur.layers = meta.get("layers", [])
+    cur.fitted = bool(meta.get("fitted"))
+    st = d / "curvature.safetensors"
+    if st.is_file():
+        cur.load_state_dict(load_file(str(st)))
+    return cur

@@ -1,0 +1,145 @@
+"""Tracked layers: which weight matrices influence is computed for, and a uniform view of them.
+
+Every ``nn.Linear`` and every transformers ``Conv1D`` (GPT-2; its weight is stored transposed,
+``[in, out]``) inside an attention block or an MLP block is a candidate. Groups:
+
+- ``"attention"``: modules whose dotted path has a component containing ``attn``/``attention``
+  (Llama ``self_attn.q_proj``, GPT-2 ``attn.c_attn``, GPT-NeoX ``attention.query_key_value`` ...);
+- ``"mlp"``: modules under an ``mlp``/``ffn``/``feed_forward`` block, or named like an MLP
+  projection (``fc1``, ``fc2``, ``gate_proj``, ``dense_h_to_4h`` ...);
+- ``"all"``: both.
+
+Embeddings are never tracked; the output head (``lm_head``) only with ``include_lm_head=True``
+(with tied input/output embeddings, as in GPT-2, its block is the gradient of the output
+projection's use of the shared matrix, not of the embedding lookup). ``layers`` may also be an
+explicit list of module names. A module called twice in one forward pass cannot be tracked.
+
+Uniform view, whatever the module type: input ``x`` is ``[..., in]``, output gradient ``δ`` is
+``[..., out]`` and the per-example gradient is ``G = Σ_t δ_t x_tᵀ`` of shape ``[out, in]``
+(for Conv1D this is the TRANSPOSE of ``weight.grad``). With ``include_bias=True`` a constant 1 is
+appended to ``x`` so that the last column of ``G`` is the bias gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence, Union
+
+from torch import nn
+
+Group = Literal["attention", "mlp", "all"]
+LayerSpec = Union[Group, Sequence[str]]
+
+_ATTN_TOKENS = ("attn", "attention")
+_MLP_BLOCK_TOKENS = ("mlp", "ffn", "feed_forward", "feedforward")
+_MLP_NAMES = {
+    "fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h",
+    "w1", "w2", "w3", "wi", "wo", "fc_in", "fc_out", "gate_up_proj",
+}
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers always present in this project
+        return None
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """One tracked weight matrix, seen as ``y = W x`` with ``W: [out_features, in_features]``.
+
+    ``in_features`` counts the appended bias column when ``bias`` is True.
+    """
+
+    name: str
+    kind: Literal["linear", "conv1d"]
+    group: Literal["attention", "mlp", "lm_head", "other"]
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "group": self.group, "in": self.in_features,
+                "out": self.out_features, "bias": self.bias}
+
+
+def _group_of(name: str) -> Literal["attention", "mlp", "other"]:
+    parts = name.lower().split(".")
+    # the block the module lives in decides first (attention before MLP: "attn.c_proj")
+    for p in parts[:-1]:
+        if any(tok in p for tok in _ATTN_TOKENS):
+            return "attention"
+        if any(tok in p for tok in _MLP_BLOCK_TOKENS):
+            return "mlp"
+    last = parts[-1]
+    if any(tok in last for tok in _ATTN_TOKENS):
+        return "attention"
+    if last in _MLP_NAMES or any(tok in last for tok in _MLP_BLOCK_TOKENS):
+        return "mlp"
+    return "other"
+
+
+def _shape(module: nn.Module, kind: str) -> tuple[int, int]:
+    w = module.weight
+    if kind == "linear":
+        return int(w.shape[1]), int(w.shape[0])  # in, out
+    return int(w.shape[0]), int(w.shape[1])  # Conv1D weight is [in, out]
+
+
+def find_layers(
+    model: nn.Module,
+    layers: LayerSpec = "all",
+    *,
+    include_lm_head: bool = False,
+    include_bias: bool = False,
+) -> list[TrackedLayer]:
+    """Tracked layers of ``model`` in module registration order (the feature layout order)."""
+    conv1d = _conv1d_type()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    candidates: list[tuple[str, nn.Module, str]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            kind = "linear"
+        elif conv1d is not None and isinstance(mod, conv1d):
+            kind = "conv1d"
+        else:
+            continue
+        candidates.append((name, mod, kind))
+
+    explicit = not isinstance(layers, str)
+    if not explicit and layers not in ("attention", "mlp", "all"):
+        raise ValueError(f"layers: expected 'attention', 'mlp', 'all' or a list of module names, got {layers!r}")
+    wanted = set(layers) if explicit else None
+    out: list[TrackedLayer] = []
+    for name, mod, kind in candidates:
+        is_head = mod is out_emb
+        group = "lm_head" if is_head else _group_of(name)
+        if explicit:
+            if name not in wanted:  # type: ignore[operator]
+                continue
+        elif is_head:
+            if not include_lm_head:
+                continue
+        elif group == "other" or (layers != "all" and group != layers):
+            continue
+        fin, fout = _shape(mod, kind)
+        has_bias = include_bias and getattr(mod, "bias", None) is not None
+        out.append(TrackedLayer(name=name, kind=kind, group=group, in_features=fin + int(has_bias),
+                                out_features=fout, bias=has_bias))
+    if explicit:
+        missing = sorted(set(wanted) - {t.name for t in out})  # type: ignore[arg-type]
+        if missing:
+            raise ValueError(f"layers: no Linear/Conv1D module named {missing[:5]} in the model")
+    if not out:
+        raise ValueError(f"layers={layers!r}: no Linear/Conv1D layer of that group in the model")
+    return out
+
+
+def get_modules(model: nn.Module, layers: Sequence[TrackedLayer]) -> list[nn.Module]:
+    mods = dict(model.named_modules())
+    return [mods[t.name] for t in layers]

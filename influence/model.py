@@ -1,0 +1,211 @@
+"""InfluenceModel: a transformers causal LM + its tokenizer, batched, with per-example summed loss.
+
+- Texts are tokenized once (the tokenizer's special tokens included, truncated to ``max_length``
+  from the left end of the text: the first ``max_length`` tokens are kept).
+- Batches are right-padded; padding is masked out of the loss and of every statistic.
+- The per-example loss is the SUM of that example's next-token losses (never a batch mean), so
+  nothing computed from it depends on batch size, batch composition or padding.
+- Examples are batched in order of decreasing length (less padding); results are always
+  returned in input order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("quadsel.influence")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": float32 on CPU, bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or 'auto', got {dtype!r}") from None
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. ``index``: positions of these rows in the caller's text list."""
+
+    index: np.ndarray
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class InfluenceModel:
+    """A causal LM wrapped for influence computations.
+
+    Build it with :meth:`load` (a local model directory or a hub id) or :meth:`from_pretrained_objects`
+    (a model and tokenizer already in memory).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_length: int = 512,
+        batch_size: int = 8,
+        device: str | torch.device = "auto",
+        source: str | None = None,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.source = source
+        self.dtype = next(model.parameters()).dtype
+        self._fill_id = self._pick_fill_id()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str | Path,
+        *,
+        max_length: int = 512,
+        batch_size: int = 8,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> "InfluenceModel":
+        """Load ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a directory or hub id."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        src = str(path_or_id)
+        try:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load a causal LM + tokenizer from {src!r}: {exc}") from exc
+        return cls(model, tok, max_length=max_length, batch_size=batch_size, device=dev, source=src)
+
+    @classmethod
+    def from_pretrained_objects(cls, model: nn.Module, tokenizer, **kwargs) -> "InfluenceModel":
+        return cls(model, tokenizer, **kwargs)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "max_length": self.max_length, "batch_size": self.batch_size,
+                "dtype": str(self.dtype).replace("torch.", ""), "model_type": getattr(self.model.config, "model_type", None)}
+
+    def _pick_fill_id(self) -> int:
+        tok = self.tokenizer
+        for attr in ("pad_token_id", "eos_token_id", "bos_token_id", "unk_token_id"):
+            v = getattr(tok, attr, None)
+            if isinstance(v, int):
+                return v
+        return 0
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text: special tokens included, truncated to ``max_length`` (>= 1 token)."""
+        texts = _check_texts(texts)
+        if not texts:
+            return []
+        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                             max_length=self.max_length)["input_ids"]
+        return [list(ids) if len(ids) else [self._fill_id] for ids in enc]
+
+    def count_tokens(self, texts: Sequence[str], *, truncate: bool = False) -> np.ndarray:
+        """Tokens per text (int64). Default: the text's own tokens, no special tokens, no
+        truncation (what training on it costs). ``truncate=True``: what the influence model sees."""
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        if truncate:
+            return np.array([len(t) for t in self.tokenize(texts)], dtype=np.int64)
+        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return np.array([len(ids) for ids in enc], dtype=np.int64)
+
+    def batches(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[Batch]:
+        """Right-padded batches in order of decreasing length; ``Batch.index`` maps rows back."""
+        ids = self.tokenize(texts)
+        yield from self.batches_from_ids(ids, batch_size)
+
+    def batches_from_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> Iterator[Batch]:
+        bs = int(batch_size or self.batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            T = int(lengths[idx].max())
+            inp = torch.full((len(idx), T), self._fill_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, j in enumerate(idx):
+                n = int(lengths[j])
+                inp[r, :n] = torch.as_tensor(ids[j], dtype=torch.long)
+                mask[r, :n] = 1
+            yield Batch(index=idx, input_ids=inp.to(self.device), attention_mask=mask.to(self.device))
+
+    # ------------------------------------------------------------------ loss
+    def logits(self, batch: Batch) -> torch.Tensor:
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits
+
+    @staticmethod
+    def summed_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example SUM of next-token cross-entropies, padding masked: ``[B]`` float32.
+
+        ``labels`` (``[B, T]``, optional) replaces ``input_ids`` as targets (e.g. sampled labels
+        for a true-Fisher fit); position 0 is never a target.
+        """
+        targets = (input_ids if labels is None else labels)[:, 1:]
+        valid = attention_mask[:, 1:].bool()
+        lg = logits[:, :-1, :].float()
+        tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none")
+        tok = tok.view(targets.shape) * valid
+        return tok.sum(dim=1)
+
+    @torch.no_grad()
+    def per_example_loss(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Summed token loss per text (float64), in input order."""
+        out = np.zeros(len(texts), dtype=np.float64)
+        for b in self.batches(texts, batch_size):
+            out[b.index] = self.summed_loss(self.logits(b), b.input_ids, b.attention_mask).double().cpu().numpy()
+        return out
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("texts: expected a sequence of strings, got a single string")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
+    return out
