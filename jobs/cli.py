@@ -101,8 +101,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .inspect import InspectError
     from .stages import JobError
 
-    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, FileNotFoundError,
-            PermissionError)
+    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
+    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, OSError)
 
 
 def _load(args):
