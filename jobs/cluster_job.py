@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.atomic import atomic_write_json
 from pipeline.lock import RunLock
+from pipeline.progress import run_log
 
 from .config import JobConfig
 from .stages import (RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
@@ -25,7 +27,10 @@ def neighbour_gamma(cfg: JobConfig) -> float:
 
 def run_cluster(cfg: JobConfig) -> dict[str, Any]:
     with RunLock(cfg.run_dir):
-        return _run_cluster(cfg)
+        logs = Path(cfg.run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with run_log(str(logs / "cluster.jsonl")):
+            return _run_cluster(cfg)
 
 
 def _run_cluster(cfg: JobConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import faults
 from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from pipeline.lock import RunLock
-from pipeline.progress import Progress
+from pipeline.progress import Progress, run_log
 from pipeline.shards import ShardWriter, recover, selection_schema, verify
 from pipeline.stage import Stage
 from pipeline.store import PoolStore, expand_meta
@@ -166,7 +166,9 @@ def run_selection(cfg: JobConfig, *, stop_after_round: int | None = None) -> dic
     """Run (or resume) the whole job; ``stop_after_round`` is for resume tests."""
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir):
-        return _run_locked(cfg, stop_after_round)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        with run_log(str(run_dir / "logs" / "run.jsonl")):
+            return _run_locked(cfg, stop_after_round)
 
 
 def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:

@@ -77,6 +77,40 @@ def configure_logging(
     _settings.mode = "quiet" if quiet else ("log" if json_lines and progress == "auto" else progress)
 
 
+class run_log:  # noqa: N801 - used as a context manager, like open()
+    """Also write every ``quadsel`` log record, as JSON lines, to ``path`` while active.
+
+    Each run keeps its own log under ``RUN_DIR/logs/`` (appended across resumes), whatever the
+    console shows.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> "run_log":
+        root = logging.getLogger("quadsel")
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(JsonFormatter())
+        self.handler.setLevel(logging.INFO)
+        root.addHandler(self.handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            self._old_level = root.level
+            root.setLevel(logging.INFO)
+            for h in root.handlers:  # the console keeps its own threshold (e.g. --quiet)
+                if h is not self.handler and h.level == logging.NOTSET:
+                    h.setLevel(self._old_level or logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger("quadsel")
+        if self.handler is not None:
+            root.removeHandler(self.handler)
+            self.handler.close()
+        if hasattr(self, "_old_level"):
+            root.setLevel(self._old_level)
+
+
 def _resolved_mode() -> Mode:
     mode = _settings.mode
     if mode == "auto":

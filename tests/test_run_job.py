@@ -56,7 +56,8 @@ def test_run_writes_the_documented_layout(finished):
                 "stages/sources/_DONE.json", "stages/embed/_DONE.json", "stages/cluster/_DONE.json",
                 "stages/proxy/_DONE.json", "stages/scorer/_DONE.json"):
         assert (run_dir / rel).exists(), rel
-    assert (run_dir / "logs").is_dir()
+    log = [json.loads(line) for line in (run_dir / "logs" / "run.jsonl").read_text().splitlines()]
+    assert any("selected" in r["msg"] or "wrote" in r["msg"] for r in log) and all("ts" in r for r in log)
     verify(run_dir)
     man = read_manifest(run_dir)
     assert man["total_rows"] == summary["selected"] == 60  # the budget, exactly
