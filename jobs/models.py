@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.atomic import stable_hash
+from pipeline.progress import Progress
 from pipeline.stage import Stage
 from pipeline.store import PoolStore
 
@@ -90,7 +91,11 @@ def token_lengths(ctx: RunContext, pool: PoolStore, model_dir: str) -> np.ndarra
     if not stage.is_done():
         im = _load_model(ctx, model_dir)
         with stage.building() as tmp:
-            parts = [im.count_tokens(texts) for texts in pool.iter_texts(4096)]
+            parts = []
+            with Progress("count tokens", total=len(pool), unit="rows") as prog:
+                for texts in pool.iter_texts(4096):
+                    parts.append(im.count_tokens(texts))
+                    prog.advance(len(texts))
             lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
             np.save(tmp / "lengths.npy", lengths)
             stage.commit(tmp, {"tokens": int(lengths.sum())})

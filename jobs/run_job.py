@@ -90,6 +90,9 @@ def _score_rows_fn(pool: PoolStore, workers, counter: dict[str, float]):
         scores = workers.score(texts)
         counter["scored"] += len(rows)
         counter["seconds"] += time.monotonic() - t0
+        logger.info("scored %d rows in %.1fs (%.1f rows/s; %d so far)", len(rows), time.monotonic() - t0,
+                    len(rows) / max(time.monotonic() - t0, 1e-9), counter["scored"],
+                    extra={"fields": {"stage": "score", "count": int(counter["scored"])}})
         faults.point("score.call")
         # float32 precision: scores must not depend on which worker (thread count) computed them
         return scores.astype(np.float32).astype(np.float64)

@@ -73,7 +73,8 @@ def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
     else:
         with stage.building() as tmp:
             with RejectLog(tmp / "rejects.jsonl") as rejects:
-                store = PoolStore.write(iter_batches(src, rejects), tmp / "store")
+                store = PoolStore.write(iter_batches(src, rejects), tmp / "store",
+                                        label="read pool" if name == "sources" else f"read {name}")
                 summary = rejects.summary()
             if len(store) == 0:
                 why = (f"{rejects.total} rejected: {rejects.counts}; see the rejects listed above"

@@ -139,7 +139,7 @@ class PoolStore:
     # -------------------------------------------------------------------- write / open
     @classmethod
     def write(cls, batches: Iterable[list[Example]], out_dir: str | Path, *,
-              rows_per_shard: int = 50_000) -> "PoolStore":
+              rows_per_shard: int = 50_000, label: str = "read pool") -> "PoolStore":
         """Write the examples of ``batches`` (in order) as a store in ``out_dir``; return it opened."""
         if rows_per_shard <= 0:
             raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
@@ -152,7 +152,7 @@ class PoolStore:
         writer = _ShardWriter(out, rows_per_shard)
         buf: list[Example] = []
         try:
-            with Progress("read pool", unit="rows") as prog:
+            with Progress(label, unit="rows") as prog:
                 for batch in batches:
                     buf.extend(batch)
                     full = len(buf) - len(buf) % RECORD_BATCH_ROWS
