@@ -13,7 +13,7 @@ from pipeline.lock import RunLock
 from pipeline.progress import run_log
 
 from .config import JobConfig
-from .stages import (RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
+from .stages import (MODEL_EMBEDDERS, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
 logger = logging.getLogger("quadsel.jobs")
@@ -37,7 +37,12 @@ def _run_cluster(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     ctx = RunContext.create(cfg)
     pool, _ = read_sources(ctx)
-    emb = embed_pool(ctx, pool)
+    model_dir = None
+    if cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None:
+        from .models import prepare_model
+
+        model_dir = prepare_model(ctx, pool)  # hidden/gradient features of the proxy model
+    emb = embed_pool(ctx, pool, model_dir)
     result = cluster_pool(ctx, emb)
     write_assignments(ctx, pool, result)
     table = cluster_table(pool, result, neighbour_gamma(cfg))

@@ -26,7 +26,7 @@ from pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
 from .models import check_model_path, fit_scorer, load_scorer_factory, prepare_model, token_lengths
-from .stages import (JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
+from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
 logger = logging.getLogger("quadsel.jobs")
@@ -185,11 +185,13 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         raise JobError("reference: a reference set is required for influence scoring "
                        "(set reference.path), or use selection.method=random")
     _check_budget(cfg, len(pool), None)
-    emb = embed_pool(ctx, pool)
+    uses_model = (cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens"
+                  or (cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None))
+    model_dir = prepare_model(ctx, pool) if uses_model else None
+    emb = embed_pool(ctx, pool, model_dir)
     clusters = cluster_pool(ctx, emb)
     write_assignments(ctx, pool, clusters)
 
-    model_dir = prepare_model(ctx, pool) if cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens" else None
     lengths = token_lengths(ctx, pool, model_dir) if cfg.selection.budget.unit == "tokens" else None
     _check_budget(cfg, len(pool), lengths)
     view, budget, quad = _selector_parts(cfg, clusters.assignments, clusters.centroids, lengths, len(pool))

@@ -129,3 +129,17 @@ def test_baselines_run_end_to_end(method, finished, tmp_path):
     assert summary["selected"] == 60
     expected_calls = 0 if method == "random" else summary["pool_rows"]
     assert summary["scorer_calls"] == expected_calls
+
+
+@pytest.mark.parametrize("kind", ["hidden", "gradient"])
+def test_model_embedders_cluster_the_proxy_models_view(kind, finished, tmp_path):
+    """embed.kind hidden/gradient: the job trains the proxy first and clusters its features."""
+    run_dir, _ = finished
+    shutil.copytree(run_dir.parent / "data", tmp_path / "data")
+    out, summary = _run_in(tmp_path, **{"embed.kind": kind, "embed.projection_dim": 64,
+                                        "embed.whiten.enabled": kind == "hidden"})
+    assert summary["selected"] == 60
+    info = json.loads((out / "stages" / "embed" / "_DONE.json").read_text())["info"]
+    assert info["kind"] == kind and info["whitened"] == (kind == "hidden")
+    assert not list((out / "stages").glob("embed.work-*"))  # moved into the stage, nothing left over
+    verify(out)
