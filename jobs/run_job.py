@@ -120,7 +120,7 @@ def _write_selection(ctx: RunContext, pool: PoolStore, result, config_hash: str,
     schema = selection_schema(base)
     chunk = 4096
     with ShardWriter(ctx.run_dir, cfg.output, schema=schema, seed=cfg.seed, config_hash=config_hash,
-                     extra=extra) as writer:
+                     extra=extra) as writer, Progress("write shards", total=len(rows), unit="rows") as prog:
         for a in range(0, len(rows), chunk):
             part = pool.take(rows[a:a + chunk], columns=["id", "text"])
             cols = [part.column("id").cast(pa.string()), part.column("text").cast(pa.string())]
@@ -130,6 +130,7 @@ def _write_selection(ctx: RunContext, pool: PoolStore, result, config_hash: str,
                      pa.array(score, mask=np.isnan(score)),
                      pa.array(np.asarray(result.round[a:a + chunk], dtype=np.int32))]
             writer.write(pa.Table.from_arrays(cols, schema=schema))
+            prog.advance(len(part))
         manifest = writer.close()
     return manifest
 
