@@ -88,3 +88,20 @@ def small_job(root: Path, *, method: str = "quad", ray: bool = False, relative: 
         cfg["pool"]["path"] = "data/pool.jsonl"
         cfg["reference"]["path"] = "data/reference.jsonl"
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _restore_quadsel_logging():
+    """CLI tests call configure_logging (own handlers, no propagation); undo it after each test
+    so later tests' caplog sees quadsel's records whatever the test order."""
+    import logging
+
+    from pipeline import progress
+
+    yield
+    log = logging.getLogger("quadsel")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+    progress._settings.mode = "auto"
