@@ -102,7 +102,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .stages import JobError
 
     # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
-    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, OSError)
+    from pipeline.ray_runtime import WorkerPoolError
+
+    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, OSError)
 
 
 def _load(args):

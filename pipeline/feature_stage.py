@@ -284,7 +284,8 @@ def _run_ray(store: PoolStore, embedder_dir: Path, out: Path, chunks: list[Chunk
 
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
     ctx = DataContext.get_current()
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     ctx.execution_options.preserve_order = True  # results come back in chunk (= pool) order
@@ -369,7 +370,7 @@ def run_feature_stage(store: PoolStore, cfg: EmbedConfig, out_dir: str | Path, *
             import ray
 
             if not ray.is_initialized():
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
                 owns = True
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         feats = compute_features(store, emb_dir, out / "features", backend=cfg.backend,

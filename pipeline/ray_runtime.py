@@ -126,7 +126,8 @@ class RayPool:
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
             kwargs.update(init_kwargs or {})
-            ray.init(address=address, **kwargs)
+            # no address: always a fresh local instance, never whatever cluster happens to run here
+            ray.init(address=address or "local", **kwargs)
             self._owns_ray = True
         else:
             self._owns_ray = False
