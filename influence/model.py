@@ -185,12 +185,15 @@ class InfluenceModel:
         ``labels`` (``[B, T]``, optional) replaces ``input_ids`` as targets (e.g. sampled labels
         for a true-Fisher fit); position 0 is never a target.
         """
-        targets = (input_ids if labels is None else labels)[:, 1:]
-        valid = attention_mask[:, 1:].bool()
-        lg = logits[:, :-1, :].float()
-        tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none")
-        tok = tok.view(targets.shape) * valid
-        return tok.sum(dim=1)
+        source = input_ids if labels is None else labels
+        # position t predicts token t+1; the last position and padding are ignored. Working on
+        # the full (contiguous) logits avoids a [B, T, V] slice copy and its zero-filled backward.
+        targets = torch.full_like(source, -100)
+        targets[:, :-1] = source[:, 1:].masked_fill(~attention_mask[:, 1:].bool(), -100)
+        lg = logits if logits.dtype == torch.float32 else logits.float()
+        tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none",
+                              ignore_index=-100)
+        return tok.view(targets.shape).sum(dim=1)
 
     @torch.no_grad()
     def per_example_loss(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:

@@ -12,6 +12,11 @@ stored features. ``projection_dim=None`` makes this exact; ``rank=r`` replaces `
 best rank-r approximation (cheaper on big layers). ``grad-cos`` (LESS-style) uses
 ``w_j = 1/‖P g_j‖`` and divides the candidate's score by ``‖P g_cand‖``: the mean cosine.
 
+Accuracy of the cheap variants (bench/results_influence.md): a random projection is unbiased, and
+accurate for ``grad-dot``/``grad-cos``, but noisy for ``kfac``/``ekfac``: the preconditioned
+reference has a large norm in low-curvature directions that candidates barely touch, and the JL
+error scales with that norm. For curvature scorers prefer the exact default or ``rank``.
+
 The base class, the registry and persistence live in :mod:`influence.base`.
 """
 from __future__ import annotations

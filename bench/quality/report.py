@@ -44,8 +44,11 @@ def target_section(s: dict[str, Any]) -> list[str]:
         calls = sel.get("scorer_calls")
         calls_s = "0" if not calls else f"{calls:,.0f} ({sel.get('scored_share', 0):.1%})"
         out.append(f"| {LABEL.get(m, m)} | {_ms(r['target_bpb'])} | {_ci(r.get('target_bpb_vs_random'))} | "
-                   f"{_ms(r['mix_bpb'])} | {_ci(r.get('mix_bpb_vs_random'))} | {r['multiplier_target']} / "
-                   f"{r['multiplier_mix']} | {calls_s} | {_num(sel.get('scoring_seconds_est'), '{:.0f}')} |")
+                   f"{_ms(r['mix_bpb'])} | {_ci(r.get('mix_bpb_vs_random'))} | {_mult(r['multiplier_target'])} / "
+                   f"{_mult(r['multiplier_mix'])} | {calls_s} | {_num(sel.get('scoring_seconds_est'), '{:.0f}')} |")
+    out += ["", "× random data: the random budget multiple (1x, 2x, 4x, interpolated in log2) with the same mean "
+            "bpb; n/a where the mean random curve does not fall from 1x to 2x to 4x (then more random data "
+            "did not help at this training length and the multiplier cannot be read)."]
     out += ["", "Mean loss (nats / token, proxy tokenizer) on the target's eval set: " + "; ".join(
         f"{LABEL.get(m, m)} {_ms(rows[m]['target_loss'], 3)}" for m in s["methods"]) + ".", ""]
     if s["pairs"]:
@@ -117,12 +120,17 @@ def _goal_lines(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mult(x: str) -> str:
+    return "n/a" if x.startswith("n/a") else x
+
+
 def _pct(x: Any) -> str:
     return "—" if x is None else f"{x:.1%}"
 
 
 def _top(mix: dict[str, float], n: int = 4) -> str:
-    return ", ".join(f"{k} {v:.0%}" for k, v in list(mix.items())[:n])
+    top = sorted(mix.items(), key=lambda kv: (-kv[1], kv[0]))[:n]  # saved JSON has its keys sorted
+    return ", ".join(f"{k} {v:.0%}" for k, v in top)
 
 
 def console_table(summaries: dict[str, dict[str, Any]]) -> str:
