@@ -43,8 +43,12 @@ remain. Tokens: members are taken in order while they fit and a member that does
 skipped (it can never fit later, since the remainder only shrinks); the budget is never exceeded
 and the run ends when it is exhausted or no unselected row fits any more.
 
+**Scoring budget.** With ``score_budget`` (``QuadConfig.scaled``: 10% of the pool's rows) a
+round pulls only as many of its arms (in choice order) as fit what is left of the scoring budget.
+
 **When the bandit runs dry.** If budget is left when ``max_rounds`` rounds have run, every
-cluster has been probed out, or (``patience``) that many rounds in a row, once no unknown cluster
+cluster has been probed out, the scoring budget has no room for another probe, or
+(``patience``) that many rounds in a row, once no unknown cluster
 is left, accepted no pull, and ``fill`` is on (default), the rest of the budget is filled
 without further scoring: clusters in descending CS (unknown clusters get the reward of a typical
 cluster, i.e. a mean z of 0, plus their bonus), members in each cluster's permutation order,
@@ -174,7 +178,22 @@ class QuadSelector(Selector):
 
     # ---- rounds ----------------------------------------------------------------------------
 
-    def _choose(self) -> tuple[list[int], list[bool], list[float | None]]:
+    def _score_allowance(self, calls: int) -> int | None:
+        """Rows the bandit may still score (``score_budget``), or None without a limit."""
+        sb = self.config.score_budget
+        return None if sb is None else max(0, int(sb * self.pool_rows.size) - calls)
+
+    def _choose(self, calls: int | None = None) -> tuple[list[int], list[bool], list[float | None]]:
+        """This round's arms; ``calls`` = scorer calls before the round (default: so far)."""
+        picks, flags, cs_at = self._choose_uncapped()
+        allowance = self._score_allowance(self._scorer_calls if calls is None else calls)
+        if allowance is not None:  # drop the last arms whose probes would pass the scoring budget
+            lengths = np.minimum(self.config.probe_size, self.sizes[picks] - self.pos[picks])
+            n = int(np.searchsorted(np.cumsum(lengths), allowance, side="right"))
+            picks, flags, cs_at = picks[:n], flags[:n], cs_at[:n]
+        return picks, flags, cs_at
+
+    def _choose_uncapped(self) -> tuple[list[int], list[bool], list[float | None]]:
         arms = self.config.arms_per_round
         ok = self.pullable()
         unknown = self.unknown() & ok
@@ -198,7 +217,7 @@ class QuadSelector(Selector):
     def _observe(self, probes: list[Probe], scores: list[np.ndarray]) -> None:
         cfg = self.config
         r = self.round
-        picks, explore, cs_at = self._choose()
+        picks, explore, cs_at = self._choose(self._scorer_calls - sum(len(p.rows) for p in probes))
         for p, s in zip(probes, scores):
             for row, v in zip(p.rows.tolist(), s.tolist()):
                 self.probe_scores[row] = v
@@ -295,6 +314,12 @@ class QuadSelector(Selector):
             reason = "every cluster has been probed out"
         elif not initial and cfg.max_rounds is not None and rounds_done >= cfg.max_rounds:
             reason = f"max_rounds ({self.config.max_rounds}) was reached"
+        elif cfg.score_budget is not None and not self._choose()[0]:
+            reason = (
+                f"the scoring budget ({cfg.score_budget:.0%} of the pool: "
+                f"{int(cfg.score_budget * self.pool_rows.size)} rows; {self._scorer_calls} scored) "
+                "has no room for another probe"
+            )
         elif self.config.patience is not None and self.stale >= self.config.patience:
             reason = (
                 f"no pull was accepted in the last {self.stale} rounds (patience "

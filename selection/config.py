@@ -10,9 +10,15 @@ standard deviations of the score distribution and have their own defaults.
 
 ``QuadConfig.scaled`` keeps Quad's proportions for pools of any size:
 
-- probe_size  = min(10, max(1, avg_cluster // 8))              (Quad: 10)
-- take_size   = clamp(round(budget_rows / 500), 4 * probe_size, avg_cluster // 3),
-                and never below probe_size                      (Quad: 10M / 500 = 20,000)
+- score_budget = 0.1: the bandit scores at most 10% of the pool's rows; a round that would
+                pass that is not run, and the rest of the budget is filled in cluster-score order
+                (Quad scores ~0.02%: 200 rounds x 50 pulls x 10 probes of 600M rows)
+- probe_size  = min(10, max(1, avg_cluster // 8), score_budget * n_rows // (3 * n_clusters)),
+                at least 1: one exploration pass over every cluster costs at most a third of
+                the scoring budget; the rest is left for the pulls that take data (Quad: 10)
+- take_size   = clamp(round(budget_rows / 500), 4 * probe0, avg_cluster // 3), with
+                probe0 = min(10, max(1, avg_cluster // 8)) (the probe without the scoring
+                budget), and never below probe_size                     (Quad: 10M / 500 = 20,000)
 - arms_per_round = clamp(ceil(n_clusters / 200), min(8, n_clusters), n_clusters)
                                                                 (Quad: ceil(9873 / 200) = 50)
 - max_rounds  = max(200, ceil(n_clusters / arms) + ceil(4 * budget_rows / take / arms))
@@ -45,6 +51,7 @@ QUAD_PAPER = {
     "budget_examples": 10_000_000,
 }
 _PULLS_PER_BUDGET = QUAD_PAPER["budget_examples"] // QUAD_PAPER["take_size"]  # 500
+DEFAULT_SCORE_BUDGET = 0.1  # share of the pool QuadConfig.scaled lets the bandit score
 
 
 class QuadConfig(BaseModel):
@@ -72,6 +79,13 @@ class QuadConfig(BaseModel):
         ge=1,
         description="give up (and fill) after this many rounds in a row without an accepted "
         "pull, counted once no unknown cluster is left; None: only max_rounds / exhaustion",
+    )
+    score_budget: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="share of the pool's rows the bandit may score; a round that would pass it is "
+        "not run and the rest of the budget is filled (None: no limit)",
     )
     fill: bool = Field(True, description="fill what is left of the budget in cluster-score order")
     history_top: int = Field(10, ge=0, description="clusters kept in each round's CS snapshot")
@@ -107,9 +121,13 @@ class QuadConfig(BaseModel):
         else:
             budget_rows = float(budget.amount)
         avg = n_rows / n_clusters
-        probe = int(min(QUAD_PAPER["probe_size"], max(1, avg // 8)))
+        score_budget = overrides.get("score_budget", DEFAULT_SCORE_BUDGET)
+        probe0 = int(min(QUAD_PAPER["probe_size"], max(1, avg // 8)))
+        probe = probe0
+        if score_budget is not None:  # one exploration pass: at most a third of the scoring budget
+            probe = int(max(1, min(probe0, (score_budget * n_rows) // (3 * n_clusters))))
         take = int(round(budget_rows / _PULLS_PER_BUDGET))
-        take = min(max(take, 4 * probe), max(probe, int(avg // 3)))
+        take = min(max(take, 4 * probe0), max(probe0, int(avg // 3)))
         take = max(take, probe)
         arms = min(n_clusters, max(min(8, n_clusters), math.ceil(n_clusters / 200)))
         needed_pulls = math.ceil(budget_rows / take) if take else 0
@@ -123,6 +141,7 @@ class QuadConfig(BaseModel):
             "take_size": take,
             "max_rounds": max_rounds,
             "patience": max(3, math.ceil(n_clusters / arms)),
+            "score_budget": score_budget,
         }
         values.update(overrides)
         return cls.model_validate(values)

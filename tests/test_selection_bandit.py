@@ -245,7 +245,7 @@ def test_never_pulled_clusters_go_first_in_seeded_order():
 def test_neighbour_reward_makes_a_cluster_known():
     """A cluster that received a neighbour's reward is no longer pulled ahead of CS order."""
     pool = smooth_pool(2, k=40)
-    cfg = QuadConfig.scaled(pool.n, 40, Budget("examples", 4000), arms_per_round=4)
+    cfg = QuadConfig.scaled(pool.n, 40, Budget("examples", 4000), arms_per_round=4, score_budget=None)
     sel = make_selector("quad", pool.view(), Budget("examples", 4000), seed=2, config=cfg)
     while not sel.finished:
         unknown_before = sel.unknown() & sel.pullable()
@@ -484,6 +484,38 @@ def test_max_rounds_bounds_the_run():
     assert res.fill.any() and any("max_rounds (3)" in n for n in res.notes)
 
 
+@pytest.mark.parametrize("share", [0.03, 0.1])
+def test_score_budget_caps_scoring_then_fills(share):
+    """The bandit never scores more than score_budget of the pool; rounds are cut to fit, and
+    once no probe fits the rest is filled (with a note) and the budget is still met."""
+    pool = good_bad_pool(3)[0]
+    budget = Budget("examples", pool.n // 3)  # far more than the bandit can take at this cost
+    cfg = QuadConfig(arms_per_round=8, probe_size=5, take_size=20, score_budget=share)
+    sel = make_selector("quad", pool.view(), budget, seed=1, config=cfg)
+    seen = []
+    while not sel.finished:
+        probes = sel.propose()
+        seen.append(sum(len(p.rows) for p in probes))
+        sel.observe(probes, [pool.score(p.rows) for p in probes])
+    res = sel.result()
+    cap = int(share * pool.n)
+    assert res.scorer_calls == pool.calls <= cap
+    assert res.scorer_calls > cap - cfg.probe_size  # used up to the last probe that fitted
+    assert any(n < 8 * cfg.probe_size for n in seen[-1:])  # the last round was cut short
+    assert len(res) == budget.amount and res.budget_met and res.fill.any()
+    fill = sel.history()[-1]
+    assert fill["phase"] == "fill" and "scoring budget" in fill["reason"]
+    assert any("scoring budget" in n for n in res.notes)
+
+
+def test_scaled_runs_score_at_most_a_tenth_of_the_pool():
+    for seed in range(3):
+        pool = smooth_pool(seed, k=120)
+        budget = Budget("examples", pool.n // 5)
+        res = run_selector(make_selector("quad", pool.view(), budget, seed=seed), pool.score)
+        assert res.scorer_calls <= 0.1 * pool.n and len(res) == budget.amount
+
+
 # ---- config -----------------------------------------------------------------------------------
 
 
@@ -492,7 +524,11 @@ def test_scaled_config_reproduces_quad_and_scales_down():
     assert (paper.arms_per_round, paper.probe_size, paper.take_size) == (50, 10, 20_000)
     assert paper.gamma == 0.2 and paper.max_rounds >= 200
     small = QuadConfig.scaled(19_500, 100, Budget("examples", 2000))
-    assert small.probe_size == 10 and small.take_size == 40 and small.arms_per_round == 8
+    # 10% scoring budget: one exploration pass (100 clusters) may use a third of 1,950 rows
+    assert small.probe_size == 6 and small.take_size == 40 and small.arms_per_round == 8
+    assert small.score_budget == 0.1
+    unlimited = QuadConfig.scaled(19_500, 100, Budget("examples", 2000), score_budget=None)
+    assert unlimited.probe_size == 10 and unlimited.take_size == 40 and unlimited.score_budget is None
     tiny = QuadConfig.scaled(100, 50, Budget("examples", 10))
     assert tiny.probe_size == 1 and tiny.take_size >= tiny.probe_size
     tok = QuadConfig.scaled(19_500, 100, Budget("tokens", 2_000_000), mean_tokens=500.0)
