@@ -69,6 +69,8 @@ class Scorer(ABC):
     config_cls: ClassVar[type] = ScorerConfig
     needs_fit: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = True
+    # reads saved training checkpoints of its model (vog, el2n): a job then saves proxy checkpoints
+    needs_checkpoints: ClassVar[bool] = False
 
     def __init__(self, model: InfluenceModel, config: Any = None) -> None:
         self.model = model

@@ -38,6 +38,15 @@ class ProxyConfig(_Strict):
     train_length: int = Field(128, gt=1, description="tokens per training sequence (<= model.max_length)")
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-3, gt=0)
+    checkpoints: int | None = Field(None, ge=0, description="intermediate checkpoints saved in "
+                                    "<model>/checkpoints (read by vog / el2n); null: 3 when the "
+                                    "scorer needs them, else 0")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProxyConfig":
+        if self.checkpoints is not None and self.checkpoints >= self.steps:
+            raise ValueError(f"checkpoints ({self.checkpoints}) must be fewer than steps ({self.steps})")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -52,8 +52,13 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
     from influence import build_proxy_model
 
     p = mcfg.proxy
-    key = stable_hash({"v": 1, "up": ctx.keys["sources"], "proxy": p.model_dump(mode="json"),
-                       "max_length": mcfg.max_length, "seed": ctx.cfg.seed})
+    n_ckpt = p.checkpoints
+    if n_ckpt is None:
+        needs = ctx.cfg.selection.method != "random" and scorer_class(ctx.cfg.scorer).needs_checkpoints
+        n_ckpt = min(3, p.steps - 1) if needs else 0
+    key = stable_hash({"v": 1, "up": ctx.keys["sources"], "proxy": p.model_dump(mode="json", exclude={"checkpoints"}),
+                       "max_length": mcfg.max_length, "seed": ctx.cfg.seed,
+                       **({"checkpoints": n_ckpt} if n_ckpt else {})})
     ctx.keys["model"] = key
     stage = Stage(ctx.run_dir, "proxy", key)
     t0 = time.monotonic()
@@ -65,7 +70,8 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
             build_proxy_model(pool.texts(rows), tmp / "model", seed=ctx.cfg.seed, vocab_size=p.vocab_size,
                               hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
                               max_length=mcfg.max_length,
-                              train_length=min(p.train_length, mcfg.max_length), steps=p.steps, batch_size=p.batch_size, lr=p.lr)
+                              train_length=min(p.train_length, mcfg.max_length), steps=p.steps,
+                              batch_size=p.batch_size, lr=p.lr, save_checkpoints=n_ckpt)
             faults.point("proxy.trained")
             stage.commit(tmp, {"train_rows": len(rows)})
     ctx.timed("proxy", t0)
@@ -102,7 +108,51 @@ def token_lengths(ctx: RunContext, pool: PoolStore, model_dir: str) -> np.ndarra
     return np.load(stage.path / "lengths.npy")
 
 
-def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore, model_dir: str) -> Path:
+# ScorerConfig fields passed to every scorer that has an option of that name
+_COMMON = ("layers", "damping", "damping_mode", "projection_dim")
+
+
+def scorer_class(scfg):
+    """The registered scorer class of ``scorer.name`` (a JobError naming the choices otherwise)."""
+    import influence  # noqa: F401 - registers every scorer
+    from influence.base import _REGISTRY, available_scorers
+
+    cls = _REGISTRY.get(scfg.name)
+    if cls is None:
+        raise JobError(f"scorer.name: unknown scorer {scfg.name!r}; available: {', '.join(available_scorers())}")
+    return cls
+
+
+def scorer_kwargs(scfg, seed: int) -> dict:
+    """make_scorer options from the job's ``scorer`` section, checked against the scorer.
+
+    The common fields go to the scorers that have them; one the user set explicitly for a scorer
+    without it is an error, as is an unknown key in ``scorer.options``.
+    """
+    from dataclasses import fields
+
+    cls = scorer_class(scfg)
+    allowed = {f.name for f in fields(cls.config_cls)}
+    kwargs = {"seed": seed} if "seed" in allowed else {}
+    for name in _COMMON:
+        if name in allowed:
+            kwargs[name] = getattr(scfg, name)
+        elif name in scfg.model_fields_set:
+            raise JobError(f"scorer.{name}: the {scfg.name!r} scorer has no such option "
+                           f"(its options: {', '.join(sorted(allowed - {'seed'}))})")
+    bad = sorted(set(scfg.options) - allowed)
+    if bad:
+        raise JobError(f"scorer.options: unknown option(s) {bad} for the {scfg.name!r} scorer; "
+                       f"allowed: {', '.join(sorted(allowed))}")
+    kwargs.update(scfg.options)
+    try:
+        cls.make_config(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise JobError(f"scorer.options: {e}") from None
+    return kwargs
+
+
+def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_dir: str) -> Path:
     """Fit the scorer (curvature on a sample) and set the reference; saved for the workers."""
     from influence import make_scorer
 
@@ -116,19 +166,24 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore, model_dir: str)
     if stage.is_done():
         logger.info("scorer: reusing fitted %s scorer", s.name)
     else:
+        kwargs = scorer_kwargs(s, ctx.cfg.seed)
         im = _load_model(ctx, model_dir)
-        sc = make_scorer(s.name, im, layers=s.layers, damping=s.damping, damping_mode=s.damping_mode,
-                         projection_dim=s.projection_dim, seed=ctx.cfg.seed, **s.options)
-        if s.fit_on == "reference":
+        sc = make_scorer(s.name, im, **kwargs)
+        if s.fit_on == "reference" and ref is not None:
             fit_texts = ref.texts(sample_rows(len(ref), s.fit_sample, ctx.cfg.seed + 2))
         else:
             fit_texts = pool.texts(sample_rows(len(pool), s.fit_sample, ctx.cfg.seed + 2))
         sc.fit(fit_texts)
         faults.point("scorer.fitted")
-        sc.set_reference(ref.texts(np.arange(len(ref))))
+        ref_texts = ref.texts(np.arange(len(ref))) if ref is not None else []
+        sc.set_reference(ref_texts)
+        report = getattr(sc, "report", None)
+        if report:
+            logger.info("scorer %s: %s", s.name, report)
         with stage.building() as tmp:
             sc.save(tmp / "scorer")
-            stage.commit(tmp, {"scorer": s.name, "fit_rows": len(fit_texts), "reference_rows": len(ref)})
+            stage.commit(tmp, {"scorer": s.name, "fit_rows": len(fit_texts), "reference_rows": len(ref_texts),
+                               **({"report": report} if report else {})})
     ctx.timed("fit_scorer", t0)
     return stage.path / "scorer"
 

@@ -25,7 +25,8 @@ from pipeline.stage import Stage
 from pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
-from .models import check_model_path, fit_scorer, load_scorer_factory, prepare_model, token_lengths
+from .models import (check_model_path, fit_scorer, load_scorer_factory, prepare_model, scorer_class, scorer_kwargs,
+                     token_lengths)
 from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
@@ -175,16 +176,25 @@ def run_selection(cfg: JobConfig, *, stop_after_round: int | None = None) -> dic
             return _run_locked(cfg, stop_after_round)
 
 
+def _scorer_report(scorer_dir: Path) -> dict[str, Any]:
+    """What the fitted scorer recorded about itself (e.g. the predictor's held-out Spearman)."""
+    meta = read_json(Path(scorer_dir) / "scorer.json")
+    return {"report": meta["report"]} if meta.get("report") else {}
+
+
 def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     from selection import make_selector, run_selector
 
     t_start = time.monotonic()
     check_model_path(cfg.model)  # before anything is written
+    if cfg.selection.method != "random":
+        scorer_kwargs(cfg.scorer, cfg.seed)  # scorer name and options, before any stage runs
     ctx = RunContext.create(cfg)
     pool, ref = read_sources(ctx)
-    if ref is None and cfg.selection.method != "random":
-        raise JobError("reference: a reference set is required for influence scoring "
-                       "(set reference.path), or use selection.method=random")
+    if ref is None and cfg.selection.method != "random" and scorer_class(cfg.scorer).needs_reference:
+        raise JobError(f"reference: the {cfg.scorer.name!r} scorer needs a reference set "
+                       "(set reference.path), or use selection.method=random or a scorer without one "
+                       "(attention, vog, el2n)")
     _check_budget(cfg, len(pool), None)
     uses_model = (cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens"
                   or (cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None))
@@ -285,6 +295,8 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         "scoring_seconds": round(counter["seconds"], 2),
         "quad": quad.model_dump(mode="json") if cfg.selection.method == "quad" else None,
     }
+    if scorer_dir is not None:
+        summary["scorer"] = {"name": cfg.scorer.name, **_scorer_report(scorer_dir)}
     for note in result.notes:
         logger.warning("selection: %s", note)
     if pool_mix is not None and sel_mix is not None:

@@ -165,6 +165,14 @@ def _model_path_missing(tmp, g, mp):
     return {"model.path": str(tmp / "no-such-model")}, {"error": ["model.path", "no-such-model", "does not exist"]}
 
 
+def _scorer_unknown(tmp, g, mp):
+    return {"scorer.name": "ekfca"}, {"error": ["scorer.name", "unknown scorer 'ekfca'", "ekfac"]}
+
+
+def _scorer_unknown_option(tmp, g, mp):
+    return {"scorer.options": {"dampnig": 0.5}}, {"error": ["scorer.options", "dampnig", "'ekfac'"]}
+
+
 def _model_path_not_a_model(tmp, g, mp):
     (tmp / "not-a-model").mkdir()
     (tmp / "not-a-model" / "notes.txt").write_text("hello")
@@ -272,6 +280,8 @@ CASES: list[tuple[str, str, Callable]] = [
     ("k-larger-than-pool", "cluster", _k_larger_than_pool),
     ("model-path-missing", "run", _model_path_missing),
     ("model-path-not-a-model", "run", _model_path_not_a_model),
+    ("scorer-unknown-name", "run", _scorer_unknown),
+    ("scorer-unknown-option", "run", _scorer_unknown_option),
     ("config-unknown-key", "run", _unknown_config_key),
     ("config-unknown-nested-key", "cluster", _unknown_nested_key),
     ("config-wrong-type", "run", _wrong_type_config),
