@@ -214,8 +214,7 @@ def el2n_per_example(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
     p_y = p.gather(-1, y).squeeze(-1)
     p.square_().scatter_(-1, y, 0.0)
     err = (p.sum(-1) + (1.0 - p_y).square()).sqrt().double() * valid
-    cnt = valid.sum(1)
-    return torch.where(cnt > 0, err.sum(1) / cnt.clamp_min(1), torch.zeros_like(err[:, 0]))
+    return err.sum(1) / valid.sum(1).clamp_min(1)  # 0 for an example without a target
 
 
 def embedding_gradients(model: nn.Module, batch: Batch) -> torch.Tensor:

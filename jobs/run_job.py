@@ -189,7 +189,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     check_model_path(cfg.model)  # before anything is written
     if cfg.selection.method != "random":
         scorer_kwargs(cfg.scorer, cfg.seed)  # scorer name and options, before any stage runs
-    ctx = RunContext.create(cfg)
+    ctx = RunContext.create(cfg, keep_committed=True)
     pool, ref = read_sources(ctx)
     if ref is None and cfg.selection.method != "random" and scorer_class(cfg.scorer).needs_reference:
         raise JobError(f"reference: the {cfg.scorer.name!r} scorer needs a reference set "
@@ -221,6 +221,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
             done = ctx.run_dir / "summary.json"
             if done.is_file() and read_json(done).get("run_key") == run_key:
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
+                ctx.promote()
                 return read_json(ctx.run_dir / "summary.json")
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
             pass
@@ -310,6 +311,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     except OSError as e:  # disk full, quota, I/O error: the commit protocol kept the old state
         raise JobError(f"writing the selection into {ctx.run_dir} failed: {e}; the previous manifest "
                        "and shards (if any) are unchanged; fix the cause and rerun to resume") from e
+    ctx.promote()  # the run-level config and rejects now describe the new selection
     summary["shards"] = len(manifest["shards"])
     faults.point("run.before_summary")
     ctx.timings["total"] = round(time.monotonic() - t_start, 3)

@@ -7,6 +7,7 @@ inputs reuses the work and any change recomputes exactly what depends on it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,13 +44,33 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
 
+    # a run dir that holds a finished selection keeps describing it (config.resolved.yaml,
+    # rejects.jsonl) until a rerun commits a new one: the rerun writes *.pending files first
+    pending: bool = False
+
     @classmethod
-    def create(cls, cfg: JobConfig) -> "RunContext":
+    def create(cls, cfg: JobConfig, *, keep_committed: bool = False) -> "RunContext":
+        """``keep_committed``: a selection job; when the folder already holds a manifest, the
+        run-level files are written as pending and promoted by :meth:`promote` at commit."""
         run_dir = Path(cfg.run_dir)
         for sub in ("stages", "logs", "clusters"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.resolved.yaml", dump_config(cfg))
-        return cls(cfg=cfg, run_dir=run_dir)
+        ctx = cls(cfg=cfg, run_dir=run_dir, pending=keep_committed and (run_dir / "manifest.json").is_file())
+        atomic_write_text(ctx.run_file("config.resolved.yaml"), dump_config(cfg))
+        return ctx
+
+    def run_file(self, name: str) -> Path:
+        """Where a run-level file is written now (``name.pending`` while a selection is kept)."""
+        return self.run_dir / (f"{name}.pending" if self.pending else name)
+
+    def promote(self) -> None:
+        """The new selection is committed: its config and rejects replace the previous ones."""
+        if self.pending:
+            for name in ("config.resolved.yaml", "rejects.jsonl"):
+                src = self.run_dir / f"{name}.pending"
+                if src.is_file():
+                    os.replace(src, self.run_dir / name)
+            self.pending = False
 
     def timed(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.monotonic() - t0, 3)
@@ -89,7 +110,7 @@ def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
 
 def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
     """The run's ``rejects.jsonl``: the rejects of every source stage, in stage order."""
-    with atomic_path(ctx.run_dir / "rejects.jsonl") as tmp, open(tmp, "wb") as out:
+    with atomic_path(ctx.run_file("rejects.jsonl")) as tmp, open(tmp, "wb") as out:
         for name in names:
             part = ctx.run_dir / "stages" / name / "rejects.jsonl"
             if part.is_file():

@@ -51,7 +51,9 @@ def good(tmp_path_factory) -> dict[str, Any]:
     run_dir = root / "run"
     lines = (root / "data" / "pool.jsonl").read_text(encoding="utf-8").splitlines()
     base = [json.loads(x) for x in lines[:BASE_ROWS]]
-    return {"root": root, "cfg": cfg, "run_dir": run_dir, "snapshot": _snapshot(run_dir), "base": base}
+    files = {n: (run_dir / n).read_bytes() for n in ("config.resolved.yaml", "rejects.jsonl")}
+    return {"root": root, "cfg": cfg, "run_dir": run_dir, "snapshot": _snapshot(run_dir), "base": base,
+            "files": files}
 
 
 def _jsonl(path: Path, rows: list[Any], *, raw: list[bytes] = ()) -> Path:
@@ -376,6 +378,9 @@ def test_bad_input(kind, command, setup, good, tmp_path, monkeypatch, capsys):
     # nothing the finished run wrote was lost or changed
     verify(run_dir)
     assert _snapshot(run_dir) == good["snapshot"]
+    if command == "run" and "error" in expect:  # the run-level files still describe that selection
+        for name in ("config.resolved.yaml", "rejects.jsonl"):
+            assert (run_dir / name).read_bytes() == good["files"][name], name
 
 
 def test_parquet_with_wrong_id_type_is_counted(good, tmp_path, capsys):

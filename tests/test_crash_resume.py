@@ -180,6 +180,10 @@ def test_kill_a_rerun_with_a_changed_config(reference, changed_reference, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _outputs(root / "run") == changed_reference["outputs"]
     assert not list((root / "run" / "stages").glob("scorer.*"))
+    # the run-level config now describes the new selection; nothing is left pending
+    resolved = yaml.safe_load((root / "run" / "config.resolved.yaml").read_text())
+    assert resolved["selection"]["budget"]["amount"] == CHANGED["selection.budget.amount"]
+    assert not list((root / "run").glob("*.pending"))
 
 
 def test_disk_full_while_writing_the_selection_keeps_the_previous_one(reference, changed_reference,
