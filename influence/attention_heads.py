@@ -244,9 +244,9 @@ def build_probes(tokenizer, *, n: int, pairs: int, key_tokens: int, value_tokens
     per_pair = key_tokens + len(sep) + value_tokens + len(nl)
     fit = (max_length - len(prefix) - key_tokens - len(sep) - value_tokens) // per_pair
     pairs = min(pairs, fit, len(vocab) // (key_tokens + value_tokens))
-    if pairs < 2:
+    if pairs < 1:
         raise ValueError(f"cannot build retrieval probes: max_length={max_length} and {len(vocab)} ordinary "
-                         f"tokens leave room for {pairs} key-value pairs (need >= 2)")
+                         f"tokens leave room for {pairs} key-value pairs (need >= 1)")
     rng = np.random.default_rng(seed)
     rows, qpos, spos = [], [], []
     for _ in range(n):

@@ -94,6 +94,20 @@ def _save_dir(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def lm_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, lr: float,
+                  clip: float = 1.0) -> float:
+    """One causal-LM training step on ``batch`` (token ids, every position a target) at ``lr``:
+    mean token loss, backward, gradient-norm clip, optimizer step. Returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return float(loss.detach())
+
+
 def build_proxy_model(texts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0,
                       vocab_size: int = 4096, hidden_size: int = 128, num_layers: int = 2,
                       num_heads: int = 4, intermediate_size: int | None = None, max_length: int = 256,
@@ -153,14 +167,7 @@ def build_proxy_model(texts: Sequence[str], out_dir: str | os.PathLike, *, seed:
         for step in range(steps):
             starts = rng.integers(0, len(stream) - L, size=batch_size)
             batch = torch.from_numpy(np.stack([stream[s:s + L] for s in starts]))
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, args)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(lm_train_step(model, opt, batch, _lr_at(step, args)))
             if (step + 1) in ckpt_steps:
                 model.eval()
                 _save_dir(model, tokenizer, tmp / "checkpoints" / f"step_{step + 1:06d}")

@@ -116,32 +116,32 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def cmd_cluster(args) -> int:
-    from .cluster_job import run_cluster
+def _run_and_show(args, job) -> int:
+    """Run ``job(cfg)``, show the clusters (unless quiet) and print the summary as JSON."""
     from .inspect import inspect_clusters
 
     cfg = _load(args)
-    summary = run_cluster(cfg)
+    summary = job(cfg)
     if not args.quiet:
         inspect_clusters(cfg.run_dir, top=15)
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from .cluster_job import run_cluster
+
+    return _run_and_show(args, run_cluster)
+
+
 def cmd_run(args) -> int:
-    from .inspect import inspect_clusters
     from .run_job import run_selection
 
     if args.address:
         args.overrides.append(f"ray.address={args.address}")
     if args.no_ray:
         args.overrides.append("ray.enabled=false")
-    cfg = _load(args)
-    summary = run_selection(cfg)
-    if not args.quiet:
-        inspect_clusters(cfg.run_dir, top=15)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _run_and_show(args, run_selection)
 
 
 def cmd_demo(args) -> int:

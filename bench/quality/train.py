@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from influence.proxy import lm_train_step
+
 from .config import QualityConfig
 from .data import encode, load_tokenizer, read_texts
 
@@ -117,15 +119,7 @@ def train_lm(cfg: QualityConfig, windows: np.ndarray, model_dir: Path, seed: int
             take = min(bs - len(idx), len(perm) - pos)
             idx.extend(perm[pos:pos + take].tolist())
             pos += take
-        batch = data[idx].to(dev)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(lm_train_step(model, opt, data[idx].to(dev), _lr(step, cfg)))
     model.eval()
     seen = cfg.lm.steps * bs
     info = {"train_seconds": round(time.monotonic() - t0, 2), "windows": int(len(windows)),
