@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.progress import Progress
+
 logger = logging.getLogger("quadsel.influence")
 
 BOS = "<|endoftext|>"
@@ -164,17 +166,19 @@ def build_proxy_model(texts: Sequence[str], out_dir: str | os.PathLike, *, seed:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
     losses: list[float] = []
     try:
-        for step in range(steps):
-            starts = rng.integers(0, len(stream) - L, size=batch_size)
-            batch = torch.from_numpy(np.stack([stream[s:s + L] for s in starts]))
-            losses.append(lm_train_step(model, opt, batch, _lr_at(step, args)))
-            if (step + 1) in ckpt_steps:
-                model.eval()
-                _save_dir(model, tokenizer, tmp / "checkpoints" / f"step_{step + 1:06d}")
-                model.train()
-            if (step + 1) % 50 == 0 or step + 1 == steps:
-                logger.info("proxy model: step %d/%d loss %.3f (%.1fs)", step + 1, steps,
-                            np.mean(losses[-50:]), time.monotonic() - t0)
+        with Progress("train proxy", total=steps, unit="steps") as prog:
+            for step in range(steps):
+                starts = rng.integers(0, len(stream) - L, size=batch_size)
+                batch = torch.from_numpy(np.stack([stream[s:s + L] for s in starts]))
+                losses.append(lm_train_step(model, opt, batch, _lr_at(step, args)))
+                prog.advance(1)
+                if (step + 1) in ckpt_steps:
+                    model.eval()
+                    _save_dir(model, tokenizer, tmp / "checkpoints" / f"step_{step + 1:06d}")
+                    model.train()
+                if (step + 1) % 50 == 0 or step + 1 == steps:
+                    logger.debug("proxy model: step %d/%d loss %.3f (%.1fs)", step + 1, steps,
+                                 np.mean(losses[-50:]), time.monotonic() - t0)
         model.eval()
         _save_dir(model, tokenizer, tmp)
         info = {"args": asdict(args), "n_texts": len(texts), "stream_tokens": int(len(stream)),

@@ -119,8 +119,7 @@ def test_batch_and_padding_independence(base):
     assert a.score([]).shape == (0,)
 
 
-def test_all_layers_projection_and_rank():
-    im = tiny_influence_model("llama", max_length=24, batch_size=4)
+def test_all_layers_projection_and_rank(im):
     full = make_scorer("datainf", im).fit(FIT).set_reference(REF)
     s = full.score(CAND)
     assert np.all(np.isfinite(s)) and np.abs(s).max() > 0

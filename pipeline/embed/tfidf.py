@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..atomic import atomic_path, atomic_write_json
+from ..progress import Progress
 from .base import META, EmbedConfig, Embedder, l2_normalize, sample_rows
 
 logger = logging.getLogger("quadsel.embed")
@@ -106,7 +107,12 @@ class TfidfEmbedder(Embedder):
                         len(texts), n_in)
         if len(texts) < 2:
             raise ValueError(f"tfidf: need at least 2 texts to fit, got {len(texts)}")
-        x = self._counts(texts)
+        with Progress("fit tf-idf: count", total=len(texts), unit="docs") as prog:
+            parts = []
+            for i in range(0, len(texts), 2048):
+                parts.append(self._counts(texts[i:i + 2048]))
+                prog.advance(len(parts[-1].indptr) - 1)
+        x = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
         df = np.bincount(x.indices, minlength=self.cfg.n_features)
         order = np.argsort(-df, kind="stable")[: self.cfg.max_features]
         columns = np.sort(order[df[order] >= MIN_DF])
@@ -122,7 +128,9 @@ class TfidfEmbedder(Embedder):
         tfidf = TfidfTransformer(sublinear_tf=True, norm="l2", smooth_idf=True).fit(xs)
         svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=SVD_N_ITER,
                            random_state=self.cfg.seed)
-        svd.fit(tfidf.transform(xs))
+        with Progress("fit tf-idf: svd", total=1, unit="fits") as prog:
+            svd.fit(tfidf.transform(xs))
+            prog.advance(1)
         self._set_fitted(columns, tfidf.idf_, svd.components_.T)
         self.info = {
             "n_fit": len(texts),
