@@ -26,6 +26,7 @@ from .scorers import (
     make_scorer,
     register_scorer,
 )
+from . import attention, datainf, trajectory  # noqa: E402,F401  - register attention, datainf, el2n, vog
 
 __all__ = [
     "InfluenceModel", "build_proxy_model", "make_scorer", "load_scorer", "available_scorers",

@@ -10,10 +10,16 @@ of the per-example Sherman–Morrison inverses ``(1/n) Σ_i (g_i g_iᵀ + λ_l I
 
 which is computed by streaming the fit texts once per ``set_reference``: ``v_lᵀ g_i = Σ_t δ_tᵀ V x_t``
 and ``‖g_i‖²`` come from the hooked ``(x, δ)`` of the batch, and ``Σ_i c_i g_i`` is a weighted
-sum of ``δ xᵀ`` — no ``d×d`` matrix and no stored per-example gradient. The candidate side is the
+sum of ``δ xᵀ`` — no ``d×d`` matrix, and per-example gradients exist at most for one batch
+(inside the squared-norm computation, when that is cheaper than its token Gram form). The candidate side is the
 collapsed-reference fast path of :class:`~influence.scorers.GradientScorer` (``Σ_t δ_tᵀ W x_t``
 with ``W = w_l``), so ``projection_dim`` (project ``w_l`` after preconditioning, as the design
 requires) and ``rank`` work as for the other gradient scorers.
+
+Cost: ``fit`` = one forward+backward pass over the fit texts (relative damping only);
+``set_reference`` = one pass over the reference texts + one over the fit texts; ``score`` = one
+pass per candidate, as ``grad-dot``. State: ``w_l`` (one matrix per tracked layer) + the fit
+texts (kept so that a loaded scorer can take a new reference set).
 
 Sign: ``score = Σ_l w_lᵀ g_cand,l`` with loss gradients: higher = training on the text is
 predicted to lower the reference loss more (as ``grad-dot``/``ekfac``).
@@ -28,7 +34,10 @@ DataInf equal ``(1/λ)(I − A/λ) + O(α²/λ)`` with ``A = 1/n Σ g gᵀ`` and
 (both remainders are PSD with norm ≤ ``α²/λ``), so ``‖w_DataInf − w_exact‖ / ‖w_exact‖ ≤ α²(1+α)``.
 The relative default makes ``α ≈ 10·d_l·max/mean`` — far outside that regime: there DataInf is
 a different (still positive-definite) preconditioner, not a close approximation of the damped
-inverse. Meant for small or LoRA layers, where ``α`` is small enough to matter.
+inverse. Measured (tiny Llama / GPT-2, two small attention layers, 40 fit / 40 candidate pool
+texts): Spearman of scores vs the exact damped inverse 0.29 / 0.51 at the relative default,
+≥ 0.999 with absolute ``λ = max_i ‖g_i‖²`` (α ≤ 1; ``w`` relative error 1-2 %). Meant for small or
+LoRA layers, where a damping that large relative to the gradients is reasonable.
 """
 from __future__ import annotations
 
@@ -78,17 +87,21 @@ class DataInfScorer(GradientScorer):
     # -------------------------------------------------------------- fit
     def per_layer_sq_norms(self, texts: Sequence[str]) -> np.ndarray:
         """``‖g_i,l‖²`` per example and tracked layer, full space: ``[n, L]`` float64."""
+        from pipeline.progress import Progress
+
         out = np.zeros((len(texts), len(self.layers)), dtype=np.float64)
         cur: dict[str, torch.Tensor] = {}
 
         def consumer(i, x, d):
             cur["n"][:, i] += per_example_sq_norm(x, d).double()
 
-        with GradientPass(self.model, self.layers, [(None, None)] * len(self.layers), consumer) as gp:
+        with GradientPass(self.model, self.layers, [(None, None)] * len(self.layers), consumer) as gp, \
+                Progress("datainf fit-set gradient norms", total=len(texts), unit="docs") as prog:
             for b in self.model.batches(texts, self.bs):
                 cur["n"] = torch.zeros(b.size, len(self.layers), dtype=torch.float64, device=self.model.device)
                 gp.run(b)
                 out[b.index] = cur["n"].cpu().numpy()
+                prog.advance(b.size)
         return out
 
     def fit(self, texts: Sequence[str]) -> "DataInfScorer":
@@ -146,6 +159,14 @@ class DataInfScorer(GradientScorer):
                 gp.run(b)
                 prog.advance(b.size)
         return [((v.to(torch.float64).cpu() - a.cpu() / n) / lam_l) for v, a, lam_l in zip(vs, acc, lam)]
+
+    @property
+    def report(self) -> dict:
+        """Shown by a job after fitting: fit size and the damping values used."""
+        if not self.lambdas:
+            return {}
+        return {"fit_size": len(self.fit_texts), "damping_mode": self.config.damping_mode,
+                "lambda_min": min(self.lambdas), "lambda_max": max(self.lambdas)}
 
     # -------------------------------------------------------------- persistence
     def _extra_meta(self) -> dict:

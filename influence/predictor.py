@@ -21,9 +21,9 @@ Flow (the job always calls ``fit`` then ``set_reference``):
 - ``set_reference(ref)``: ``base.set_reference(ref)`` (skipped when the base needs none), then
   the base labels up to ``label_sample`` kept texts (seeded choice); a seeded ``holdout`` share is
   held out, the regressor is fitted on the rest and Spearman/Pearson of its predictions vs the
-  base's exact scores on the holdout are measured — with a shuffled-label control fit, which
-  should give ~0; then the regressor is refitted on all labelled texts. The numbers are logged,
-  kept in ``scorer.report`` and saved in ``scorer.json`` (``"report"``).
+  base's exact scores on the holdout are measured, with a control (the mean over 5 fits on
+  shuffled labels: ~0) and the length-only Spearman; then the regressor is refitted on all
+  labelled texts. The numbers are logged, kept in ``scorer.report`` and saved in ``scorer.json``.
 - ``score(texts)``: ``regressor(features(texts))`` — one forward pass per text, no backward.
 
 Cost: a forward pass (``hidden``: without the vocabulary projection) instead of the base's
@@ -53,6 +53,7 @@ logger = logging.getLogger("quadsel.influence")
 
 MIN_LABELS = 20  # fewer labelled texts cannot support a fit plus a holdout measurement
 MIN_HOLDOUT = 5
+CONTROL_SHUFFLES = 5  # shuffled-label control fits, averaged
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
 _FORWARDED = ("layers", "damping", "damping_mode", "projection_dim", "seed")
 
@@ -242,6 +243,10 @@ class PredictorScorer(Scorer):
 
     def __init__(self, model: InfluenceModel, config: Any = None) -> None:
         super().__init__(model, config)
+        n_layers = int(getattr(model.model.config, "num_hidden_layers", 0) or 0)
+        if n_layers and not -(n_layers + 1) <= self.config.feature_layer <= n_layers:
+            raise ValueError(f"scorer 'predictor': feature_layer = {self.config.feature_layer}: the model has "
+                             f"{n_layers} layers, so it must be in [{-(n_layers + 1)}, {n_layers}]")
         self.base: Scorer = self._make_base()
         self.regressor: Regressor | None = None
         self.report: dict[str, Any] = {}
@@ -287,7 +292,7 @@ class PredictorScorer(Scorer):
     def set_reference(self, texts: Sequence[str]) -> "PredictorScorer":
         """Set the base's reference, label the kept pool sample with it, fit and measure the regressor."""
         texts = _check_texts(texts)
-        if not self.is_fitted or not self._pool:
+        if not self.is_fitted:
             raise RuntimeError("scorer 'predictor': call fit(texts) with a pool sample before set_reference "
                                "(the sample is what the base scorer labels)")
         if self.base.needs_reference:
@@ -301,7 +306,8 @@ class PredictorScorer(Scorer):
         pool = self._pool
         if len(pool) < MIN_LABELS:
             raise ValueError(f"scorer 'predictor': fit() got {len(pool)} texts, at least {MIN_LABELS} are needed "
-                             f"for the base to label (in a job: raise scorer.fit_sample)")
+                             f"for the base to label (in a job: raise scorer.fit_sample; a loaded scorer keeps no "
+                             "pool sample: call fit again)")
         n = min(c.label_sample, len(pool))
         idx = np.sort(np.random.default_rng(c.seed).choice(len(pool), n, replace=False))
         texts = [pool[i] for i in idx]
@@ -323,9 +329,13 @@ class PredictorScorer(Scorer):
         if n_hold:
             reg, _ = fit_regressor(x[train], y[train], c, c.seed)
             rep["holdout_spearman"], rep["holdout_pearson"] = _corr(reg.predict(x[hold]), y[hold])
-            shuffled = y[train][np.random.default_rng(c.seed + 2).permutation(len(train))]
-            ctrl, _ = fit_regressor(x[train], shuffled, c, c.seed)
-            rep["control_spearman_shuffled_labels"] = _corr(ctrl.predict(x[hold]), y[hold])[0]
+            ctrl = []
+            for k in range(CONTROL_SHUFFLES):
+                shuffled = y[train][np.random.default_rng([c.seed, 2, k]).permutation(len(train))]
+                r, _ = fit_regressor(x[train], shuffled, c, c.seed)
+                ctrl.append(_corr(r.predict(x[hold]), y[hold])[0])
+            ok = [v for v in ctrl if v is not None]
+            rep["control_spearman_shuffled_labels"] = float(np.mean(ok)) if ok else None
             rep["length_spearman"] = _corr(token_counts(x[hold]), y[hold])[0]
         self.regressor, rep["fit"] = fit_regressor(x, y, c, c.seed)
         self.labelled, self.split = (texts, x, y), (train, hold)

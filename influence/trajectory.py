@@ -87,6 +87,7 @@ class TrajectoryScorer(Scorer):
     config_cls = TrajectoryConfig
     needs_fit = False
     needs_reference = False
+    needs_checkpoints = True  # a job saves proxy checkpoints for it
     min_checkpoints: ClassVar[int] = 1
 
     def __init__(self, model: InfluenceModel, config: Any = None) -> None:
@@ -169,6 +170,11 @@ class TrajectoryScorer(Scorer):
                 finally:
                     if self.checkpoint_paths[k] is not None and dev.type != "cpu":
                         m.to("cpu")
+
+    @property
+    def report(self) -> dict:
+        """Shown by a job: the checkpoints used, in trajectory order."""
+        return {"checkpoints": [Path(p).name if p else "final (scoring model)" for p in self.checkpoint_paths]}
 
     # -------------------------------------------------------------- steps
     def set_reference(self, texts: Sequence[str]) -> "TrajectoryScorer":

@@ -157,7 +157,7 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_di
     from influence import make_scorer
 
     s = ctx.cfg.scorer
-    key = stable_hash({"v": 1, "model": ctx.keys["model"], "ref": ctx.keys["reference"],
+    key = stable_hash({"v": 1, "model": ctx.keys["model"], "ref": ctx.keys.get("reference"),
                        "up": ctx.keys["sources"], "scorer": s.model_dump(mode="json"),
                        "max_length": ctx.cfg.model.max_length, "seed": ctx.cfg.seed})
     ctx.keys["scorer"] = key

@@ -175,6 +175,11 @@ def _scorer_unknown_option(tmp, g, mp):
     return {"scorer.options": {"dampnig": 0.5}}, {"error": ["scorer.options", "dampnig", "'ekfac'"]}
 
 
+def _scorer_option_it_lacks(tmp, g, mp):
+    return ({"scorer.name": "attention", "scorer.damping": 0.5},
+            {"error": ["scorer.damping", "'attention' scorer has no such option", "head_fraction"]})
+
+
 def _model_path_not_a_model(tmp, g, mp):
     (tmp / "not-a-model").mkdir()
     (tmp / "not-a-model" / "notes.txt").write_text("hello")
@@ -284,6 +289,7 @@ CASES: list[tuple[str, str, Callable]] = [
     ("model-path-not-a-model", "run", _model_path_not_a_model),
     ("scorer-unknown-name", "run", _scorer_unknown),
     ("scorer-unknown-option", "run", _scorer_unknown_option),
+    ("scorer-option-it-lacks", "run", _scorer_option_it_lacks),
     ("config-unknown-key", "run", _unknown_config_key),
     ("config-unknown-nested-key", "cluster", _unknown_nested_key),
     ("config-wrong-type", "run", _wrong_type_config),

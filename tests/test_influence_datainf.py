@@ -156,6 +156,6 @@ def test_save_load_roundtrip(base, tmp_path):
     # fitted, no reference yet
     refitted(sc).save(tmp_path / "fit_only")
     b2 = load_scorer(tmp_path / "fit_only", device="cpu")
-    assert b2.is_fitted and not b2.has_reference
+    assert b2.is_fitted and not b2.has_reference and b2.report["fit_size"] == len(FIT)
     with pytest.raises(RuntimeError, match="set_reference"):
         b2.score(CAND)

@@ -147,6 +147,7 @@ def test_discovery_from_build_proxy_model(tmp_path):
     assert steps == ["step_000002", "step_000004"]
     im = InfluenceModel.load(out, max_length=32, batch_size=4, device="cpu")
     vog = make_scorer("vog", im)
+    assert vog.needs_checkpoints and not vog.needs_reference and not vog.needs_fit
     assert vog.checkpoint_paths == [str((out / "checkpoints" / s).resolve()) for s in steps] + [None]
     s = vog.score(texts[:4])
     assert s.shape == (4,) and np.all(np.isfinite(s)) and np.all(s > 0)
@@ -157,3 +158,4 @@ def test_discovery_from_build_proxy_model(tmp_path):
         make_scorer("el2n", im, checkpoint_steps=[3])
     with pytest.raises(ValueError, match="at least 2"):
         make_scorer("vog", im, checkpoint_steps=[4], include_final=False)
+    assert vog.report == {"checkpoints": steps + ["final (scoring model)"]}

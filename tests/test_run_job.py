@@ -143,3 +143,37 @@ def test_model_embedders_cluster_the_proxy_models_view(kind, finished, tmp_path)
     assert info["kind"] == kind and info["whitened"] == (kind == "hidden")
     assert not list((out / "stages").glob("embed.work-*"))  # moved into the stage, nothing left over
     verify(out)
+
+
+@pytest.mark.parametrize("scorer, over", [
+    ("datainf", {}),
+    ("el2n", {"reference": None}),             # needs no reference set
+    ("attention", {"scorer.options": {"head_fraction": 0.25}}),
+    ("vog", {"model.proxy.checkpoints": 2}),
+])
+def test_other_scorers_drive_the_bandit(scorer, over, finished, tmp_path):
+    """Every registered scorer works as the bandit's scorer in `quadsel run`; checkpoint scorers
+    make the job save proxy checkpoints; scorers without a reference run without one."""
+    run_dir, _ = finished
+    shutil.copytree(run_dir.parent / "data", tmp_path / "data")
+    cfg = small_job(tmp_path, relative=True, **{"scorer.name": scorer})
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    summary = run_selection(JobConfig.model_validate(cfg))
+    out = tmp_path / "run"
+    assert summary["selected"] == 60 and 0 < summary["scorer_calls"] <= 0.1 * summary["pool_rows"]
+    assert summary["scorer"]["name"] == scorer
+    verify(out)
+    scores = pq.read_table(out / "bandit" / "probes.parquet").column("score").to_numpy()
+    assert np.isfinite(scores).all() and np.unique(scores).size > 1
+    ckpts = sorted((out / "stages" / "proxy" / "model" / "checkpoints").glob("step_*"))
+    if scorer in ("el2n", "vog"):
+        assert len(ckpts) == (2 if scorer == "vog" else 3)
+        meta = json.loads((out / "stages" / "scorer" / "scorer" / "scorer.json").read_text())
+        assert len(meta["config"]["checkpoints"]) == len(ckpts) + 1  # + the final model
+    else:
+        assert not ckpts  # only checkpoint scorers make the job save them
