@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not a
 
 from bench.quality import METHODS, make_config, run  # noqa: E402
 from bench.quality.__main__ import main  # noqa: E402
+from bench.quality.config import DEFAULT_METHODS, OTHER_SCORERS  # noqa: E402
 from bench.quality.stats import data_multiplier, paired  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def test_whole_harness_tiny(tiny_data, tmp_path):
     assert list(summaries) == ["gsm8k"]
     s = summaries["gsm8k"]
     assert s["seeds"] == [0, 1]
-    assert set(s["methods"]) == set(METHODS)
+    assert set(s["methods"]) == set(DEFAULT_METHODS)
     for m, r in s["rows"].items():
         for k in ("target_bpb", "mix_bpb", "target_loss", "mix_loss"):
             assert len(r[k]["per_seed"]) == 2 and all(v > 0 for v in r[k]["per_seed"])
@@ -87,6 +88,21 @@ def test_whole_harness_tiny(tiny_data, tmp_path):
     # a rerun reuses every cached artefact and gives the same numbers
     again = run(cfg)["gsm8k"]
     assert again["rows"]["quad-ekfac"]["target_bpb"]["per_seed"] == s["rows"]["quad-ekfac"]["target_bpb"]["per_seed"]
+
+
+def test_other_scorers_as_quad_and_topk_methods(tiny_data, tmp_path):
+    """Every other scorer (issue 8) runs as quad's scorer and as a topk baseline."""
+    methods = ["random"] + [f"{sel}-{name}" for name in OTHER_SCORERS for sel in ("quad", "topk")]
+    cfg = make_config("tiny", data_dir=str(tiny_data), cache_dir=str(tmp_path / "cache"), targets=["gsm8k"],
+                      methods=methods, seeds=[0, 1])
+    s = run(cfg)["gsm8k"]
+    for name in OTHER_SCORERS:
+        quad, topk = s["rows"][f"quad-{name}"], s["rows"][f"topk-{name}"]
+        assert 0 < quad["selection"]["scorer_calls"] < s["pool_rows"], name
+        assert topk["selection"]["scored_share"] == 1.0, name
+        assert all(v > 0 for v in quad["target_bpb"]["per_seed"]), name
+    # vog / el2n read the checkpoints of a second, identical proxy run
+    assert list((tmp_path / "cache" / "stages").glob("proxy-ckpt-s0/model/checkpoints/step_*"))
 
 
 def test_stats_helpers():

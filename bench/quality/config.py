@@ -30,6 +30,11 @@ METHODS: dict[str, tuple[str, str | None, int]] = {
     "reference": ("reference", None, 0),
 }
 DEFAULT_METHODS = list(METHODS)
+# the other scorers (issue 8), each as quad's scorer and as a topk baseline; opt-in (--methods)
+OTHER_SCORERS = ("attention", "datainf", "el2n", "vog", "predictor")
+for _name in OTHER_SCORERS:
+    METHODS[f"topk-{_name}"] = ("topk", _name, 1)
+    METHODS[f"quad-{_name}"] = ("quad", _name, 1)
 
 # the pool domain each target's text comes from (measurement only: a selector never sees it)
 TARGET_DOMAIN = {"wikitext": "wiki", "gsm8k": "math", "linux": "c_code"}
@@ -63,6 +68,8 @@ class ScorerSettings(_Strict):
     fit_sample: int = Field(256, gt=0, description="pool texts the EK-FAC curvature is fitted on")
     damping: float = Field(0.1, gt=0)
     layers: Literal["attention", "mlp", "all"] = "all"
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per scorer name: its extra options (as scorer.options in a job)")
 
 
 class LMSettings(_Strict):

@@ -138,6 +138,28 @@ def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedMod
                      ids=ids, bos_id=int(tok.bos_token_id), seconds=round(time.monotonic() - t0, 2))
 
 
+def proxy_checkpoints(cfg: QualityConfig, pool: PoolData, model: SeedModel, n: int = 3) -> list[str]:
+    """Training checkpoints of ``model``'s proxy (for vog / el2n), oldest first, ending with the
+    proxy itself. A second, identical training run that also saves ``n`` checkpoints, cached in
+    its own stage, so the proxy every other method uses (and its cached scores) is untouched."""
+    from influence import build_proxy_model
+
+    p = cfg.proxy
+    stage = Stage(Path(cfg.cache_dir), f"proxy-ckpt-s{model.seed}",
+                  stable_hash({"v": 1, "model": model.key, "checkpoints": n}))
+    if not stage.is_done():
+        rows = sample_rows(len(pool.store), p.train_sample, model.seed + 1)
+        logger.info("seed %d: training the proxy again to save %d checkpoints (vog / el2n)", model.seed, n)
+        with stage.building() as tmp:
+            build_proxy_model(pool.store.texts(rows), tmp / "model", seed=model.seed, vocab_size=p.vocab_size,
+                              hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
+                              max_length=p.max_length, train_length=min(p.train_length, p.max_length),
+                              steps=p.steps, batch_size=p.batch_size, lr=p.lr, save_checkpoints=n)
+            stage.commit(tmp, {"checkpoints": n})
+    ckpts = sorted((stage.path / "model" / "checkpoints").glob("step_*"))
+    return [str(c) for c in ckpts] + [str(model.model_dir)]
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

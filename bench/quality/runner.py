@@ -30,11 +30,15 @@ logger = logging.getLogger("quadsel.bench.quality")
 # topk first: its full-pool scan fills the score cache that cluster-topk and quad then read
 _ORDER = ["random", "random-2x", "random-4x", "topk-ekfac", "cluster-topk-ekfac", "quad-ekfac",
           "quad-gradcos", "reference"]
+_ORDER += [m for m in METHODS if m not in _ORDER]  # the other scorers: topk before quad
 
 
 def config_key(cfg: QualityConfig) -> str:
     """Fingerprint of everything that changes a number (targets, cache and threads excluded)."""
-    return stable_hash(cfg.model_dump(mode="json", exclude={"targets", "cache_dir", "threads", "methods"}))
+    d = cfg.model_dump(mode="json", exclude={"targets", "cache_dir", "threads", "methods"})
+    if not d["scorer"]["options"]:  # absent before scorer options existed: keep earlier keys
+        del d["scorer"]["options"]
+    return stable_hash(d)
 
 
 def _train_cached(cfg: QualityConfig, docs: list[np.ndarray], model: SeedModel, seed: int, what: str,

@@ -19,7 +19,7 @@ from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_ha
 from pipeline.embed import sample_rows
 
 from .config import QualityConfig
-from .data import PoolData, SeedModel
+from .data import PoolData, SeedModel, proxy_checkpoints
 
 logger = logging.getLogger("quadsel.bench.quality")
 
@@ -30,14 +30,21 @@ def make_fitted_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, nam
     the reference set collapsed to one vector per layer. Returns (scorer, seconds)."""
     from influence import InfluenceModel, make_scorer
 
+    from jobs.config import ScorerConfig
+    from jobs.models import scorer_class, scorer_kwargs
+
     t0 = time.monotonic()
     im = InfluenceModel.load(str(model.model_dir), max_length=cfg.proxy.max_length, device=cfg.device,
                              batch_size=cfg.proxy.score_batch)
     s = cfg.scorer
-    kwargs: dict = {"layers": s.layers, "projection_dim": None, "seed": seed}
-    if name in ("ekfac", "kfac"):
-        kwargs.update(damping=s.damping, damping_mode="relative")
-    sc = make_scorer(name, im, **kwargs)
+    options = dict(s.options.get(name, {}))
+    if scorer_class(ScorerConfig(name=name)).needs_checkpoints and "checkpoints" not in options:
+        options["checkpoints"] = proxy_checkpoints(cfg, pool, model)
+    # the options `quadsel run` would pass for `scorer.name: <name>` with these settings
+    job_scorer = ScorerConfig.model_validate({"name": name, "layers": s.layers, "damping": s.damping,
+                                              "damping_mode": "relative", "options": options})
+    job_scorer.model_fields_set.clear()  # settings shared by every scorer: each takes what it has
+    sc = make_scorer(name, im, **scorer_kwargs(job_scorer, seed))
     if sc.needs_fit:
         sc.fit(pool.store.texts(sample_rows(len(pool.store), s.fit_sample, seed + 2)))
     sc.set_reference(reference)
@@ -104,7 +111,8 @@ def score_cache(cfg: QualityConfig, pool: PoolData, model: SeedModel, scorer: st
     s = cfg.scorer
     key = stable_hash({"v": 1, "model": model.key, "scorer": scorer, "target": target,
                        "reference": stable_hash(reference), "fit_sample": s.fit_sample, "damping": s.damping,
-                       "layers": s.layers, "max_length": cfg.proxy.max_length, "seed": seed})
+                       "layers": s.layers, "max_length": cfg.proxy.max_length, "seed": seed,
+                       **({"options": s.options[scorer]} if s.options.get(scorer) else {})})
     # what the scorer sees: its special tokens (BOS) plus the text, truncated to max_length
     truncated = np.minimum(model.lengths + 1, cfg.proxy.max_length)
     return ScoreCache(Path(cfg.cache_dir) / "scores", f"{scorer}-{target}-s{seed}-{key}", len(pool.store),
