@@ -26,7 +26,7 @@ from .scorers import (
     make_scorer,
     register_scorer,
 )
-from . import attention, datainf, trajectory  # noqa: E402,F401  - register attention, datainf, el2n, vog
+from . import attention, datainf, predictor, trajectory  # noqa: E402,F401  - register the other scorers
 
 __all__ = [
     "InfluenceModel", "build_proxy_model", "make_scorer", "load_scorer", "available_scorers",

@@ -46,6 +46,11 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def scorer_class(name: str) -> type["Scorer"] | None:
+    """The registered scorer class of ``name``, or None (see :func:`available_scorers`)."""
+    return _REGISTRY.get(name)
+
+
 def make_scorer(name: str, model: InfluenceModel | str | Path, **kwargs: Any) -> "Scorer":
     """Build a registered scorer. ``model``: an :class:`InfluenceModel` or a model path / hub id."""
     try:

@@ -257,11 +257,11 @@ class PredictorScorer(Scorer):
         self.split: tuple[np.ndarray, np.ndarray] | None = None
 
     def _make_base(self) -> Scorer:
-        from .base import _REGISTRY
+        from .base import scorer_class
 
         c = self.config
         opts = dict(c.base_options)
-        cls = _REGISTRY.get(c.base)
+        cls = scorer_class(c.base)
         if cls is not None:
             have = {f.name for f in fields(cls.config_cls)}
             for k in (*_FORWARDED, "batch_size"):

@@ -115,9 +115,9 @@ _COMMON = ("layers", "damping", "damping_mode", "projection_dim")
 def scorer_class(scfg):
     """The registered scorer class of ``scorer.name`` (a JobError naming the choices otherwise)."""
     import influence  # noqa: F401 - registers every scorer
-    from influence.base import _REGISTRY, available_scorers
+    from influence.base import available_scorers, scorer_class as registered
 
-    cls = _REGISTRY.get(scfg.name)
+    cls = registered(scfg.name)
     if cls is None:
         raise JobError(f"scorer.name: unknown scorer {scfg.name!r}; available: {', '.join(available_scorers())}")
     return cls

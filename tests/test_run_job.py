@@ -149,6 +149,7 @@ def test_model_embedders_cluster_the_proxy_models_view(kind, finished, tmp_path)
     ("datainf", {}),
     ("el2n", {"reference": None}),             # needs no reference set
     ("attention", {"scorer.options": {"head_fraction": 0.25}}),
+    ("predictor", {"scorer.options": {"label_sample": 24, "base": "grad-dot"}}),
     ("vog", {"model.proxy.checkpoints": 2}),
 ])
 def test_other_scorers_drive_the_bandit(scorer, over, finished, tmp_path):
@@ -167,6 +168,8 @@ def test_other_scorers_drive_the_bandit(scorer, over, finished, tmp_path):
     out = tmp_path / "run"
     assert summary["selected"] == 60 and 0 < summary["scorer_calls"] <= 0.1 * summary["pool_rows"]
     assert summary["scorer"]["name"] == scorer
+    if scorer == "predictor":  # the held-out check of the regressor against its base's scores
+        assert -1 <= summary["scorer"]["report"]["holdout_spearman"] <= 1
     verify(out)
     scores = pq.read_table(out / "bandit" / "probes.parquet").column("score").to_numpy()
     assert np.isfinite(scores).all() and np.unique(scores).size > 1
