@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "proxy": {"train_sample": 200, "vocab_size": 300, "hidden_size": 16, "num_layers": 1,
                   "num_heads": 2, "steps": 5, "train_length": 32, "batch_size": 4, "max_length": 48,
                   "per_seed": False},
-        "scorer": {"fit_sample": 16},
+        "scorer": {"fit_sample": 24},  # >= 20: the predictor labels its fit sample
         "lm": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "seq_len": 32, "batch_size": 4,
                "steps": 5},
         "eval": {"max_bytes_per_target": 4000, "batch_size": 256},
