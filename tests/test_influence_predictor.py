@@ -108,7 +108,8 @@ def test_save_load_round_trip_in_another_process(fitted, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["GradDotScorer", "160"]
-    np.testing.assert_array_equal(np.load(tmp_path / "got.npy"), want)
+    # another process may run with another number of BLAS threads: equal up to float rounding
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), want, rtol=1e-6)
 
 
 def test_batch_size_order_and_empty(fitted):

@@ -93,9 +93,10 @@ def test_rerun_reuses_every_stage_and_changes_nothing(finished, caplog):
 
 
 def test_resume_after_a_kill_gives_identical_shards(finished, tmp_path):
-    run_dir, _ = finished
+    run_dir, summary = finished
     reference = _outputs(run_dir)
-    for k in (1, 3):
+    assert summary["rounds"] >= 2
+    for k in sorted({1, summary["rounds"] - 1}):  # after the first round, and before the last
         root = tmp_path / f"k{k}"
         shutil.copytree(run_dir.parent / "data", root / "data")
         import os
