@@ -114,6 +114,12 @@ def test_stats_helpers():
     assert data_multiplier(1.0, {1: 2.0, 2: 2.1, 4: 1.2}).startswith("n/a")
 
 
+def test_scorer_option_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--scorer-option", "el2n-prefer-low", "--report-only", "--out", "-"])
+    assert "NAME.KEY=VALUE" in capsys.readouterr().err
+
+
 def test_config_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown"):
         make_config("tiny", methods=["random", "nope"])

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--budget-fraction", type=float, default=None, help="share of the pool's tokens (default 0.1)")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the evaluated LM")
+    ap.add_argument("--scorer-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="an option of one scorer, e.g. el2n.prefer=low (repeatable; value parsed as YAML)")
     ap.add_argument("--device", default=None, help="cpu (default) or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
@@ -48,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         over["seeds"] = list(range(args.seeds))
     if args.methods:
         over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.scorer_option:
+        import yaml
+
+        options: dict = {}
+        for item in args.scorer_option:
+            key, sep, raw = item.partition("=")
+            name, dot, opt = key.strip().partition(".")
+            if not (sep and dot and name and opt):
+                ap.error(f"--scorer-option expects NAME.KEY=VALUE, got {item!r}")
+            options.setdefault(name, {})[opt] = yaml.safe_load(raw)
+        over["scorer"] = {"options": options}
     if args.steps is not None:
         over["lm"] = {"steps": args.steps}
     try:
