@@ -123,11 +123,12 @@ def scorer_class(scfg):
     return cls
 
 
-def scorer_kwargs(scfg, seed: int) -> dict:
+def scorer_kwargs(scfg, seed: int, *, explicit: set[str] | None = None) -> dict:
     """make_scorer options from the job's ``scorer`` section, checked against the scorer.
 
-    The common fields go to the scorers that have them; one the user set explicitly for a scorer
-    without it is an error, as is an unknown key in ``scorer.options``.
+    The common fields go to the scorers that have them; one the user set explicitly (``explicit``,
+    default: the fields set in the config) for a scorer without it is an error, as is an unknown
+    key in ``scorer.options``.
     """
     from dataclasses import fields
 
@@ -137,7 +138,7 @@ def scorer_kwargs(scfg, seed: int) -> dict:
     for name in _COMMON:
         if name in allowed:
             kwargs[name] = getattr(scfg, name)
-        elif name in scfg.model_fields_set:
+        elif name in (scfg.model_fields_set if explicit is None else explicit):
             raise JobError(f"scorer.{name}: the {scfg.name!r} scorer has no such option "
                            f"(its options: {', '.join(sorted(allowed - {'seed'}))})")
     bad = sorted(set(scfg.options) - allowed)

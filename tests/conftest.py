@@ -86,7 +86,8 @@ def small_job(root: Path, *, method: str = "quad", ray: bool = False, relative: 
     if relative:
         cfg["run_dir"] = "run"
         cfg["pool"]["path"] = "data/pool.jsonl"
-        cfg["reference"]["path"] = "data/reference.jsonl"
+        if cfg.get("reference") is not None:  # a job may run without one
+            cfg["reference"]["path"] = "data/reference.jsonl"
     return cfg
 
 

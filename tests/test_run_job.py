@@ -158,13 +158,7 @@ def test_other_scorers_drive_the_bandit(scorer, over, finished, tmp_path):
     make the job save proxy checkpoints; scorers without a reference run without one."""
     run_dir, _ = finished
     shutil.copytree(run_dir.parent / "data", tmp_path / "data")
-    cfg = small_job(tmp_path, relative=True, **{"scorer.name": scorer})
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    cfg = small_job(tmp_path, relative=True, **{"scorer.name": scorer}, **over)
     summary = run_selection(JobConfig.model_validate(cfg))
     out = tmp_path / "run"
     assert summary["selected"] == 60 and 0 < summary["scorer_calls"] <= 0.1 * summary["pool_rows"]

@@ -103,10 +103,22 @@ def proxy_seed(cfg: QualityConfig, seed: int) -> int:
     return seed if cfg.proxy.per_seed else cfg.seeds[0]
 
 
-def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedModel:
-    """The proxy of ``seed`` (trained on a seeded pool sample; cached) and the pool in its tokens."""
+def _train_proxy(cfg: QualityConfig, pool: PoolData, seed: int, out: Path, save_checkpoints: int = 0) -> int:
+    """``build_proxy_model`` with the benchmark's settings on the seeded pool sample (the rows
+    ``jobs.models`` would use); returns how many rows it trained on."""
     from influence import build_proxy_model
 
+    p = cfg.proxy
+    rows = sample_rows(len(pool.store), p.train_sample, seed + 1)
+    build_proxy_model(pool.store.texts(rows), out, seed=seed, vocab_size=p.vocab_size,
+                      hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
+                      max_length=p.max_length, train_length=min(p.train_length, p.max_length),
+                      steps=p.steps, batch_size=p.batch_size, lr=p.lr, save_checkpoints=save_checkpoints)
+    return len(rows)
+
+
+def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedModel:
+    """The proxy of ``seed`` (trained on a seeded pool sample; cached) and the pool in its tokens."""
     seed = proxy_seed(cfg, seed)
     p = cfg.proxy
     settings = p.model_dump(mode="json", exclude={"score_batch", "per_seed"})
@@ -115,14 +127,10 @@ def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedMod
     stage = Stage(cache, f"proxy-s{seed}", key)
     t0 = time.monotonic()
     if not stage.is_done():
-        rows = sample_rows(len(pool.store), p.train_sample, seed + 1)  # as jobs.models does
-        logger.info("seed %d: training the proxy model on %d pool rows", seed, len(rows))
+        logger.info("seed %d: training the proxy model on %d pool rows", seed, min(p.train_sample, len(pool.store)))
         with stage.building() as tmp:
-            build_proxy_model(pool.store.texts(rows), tmp / "model", seed=seed, vocab_size=p.vocab_size,
-                              hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                              max_length=p.max_length, train_length=min(p.train_length, p.max_length),
-                              steps=p.steps, batch_size=p.batch_size, lr=p.lr)
-            stage.commit(tmp, {"train_rows": len(rows), "seconds": round(time.monotonic() - t0, 2)})
+            n_rows = _train_proxy(cfg, pool, seed, tmp / "model")
+            stage.commit(tmp, {"train_rows": n_rows, "seconds": round(time.monotonic() - t0, 2)})
     model_dir = stage.path / "model"
     tok_stage = Stage(cache, f"tokens-s{seed}", stable_hash({"v": 1, "model": key}))
     if not tok_stage.is_done():
@@ -142,19 +150,12 @@ def proxy_checkpoints(cfg: QualityConfig, pool: PoolData, model: SeedModel, n: i
     """Training checkpoints of ``model``'s proxy (for vog / el2n), oldest first, ending with the
     proxy itself. A second, identical training run that also saves ``n`` checkpoints, cached in
     its own stage, so the proxy every other method uses (and its cached scores) is untouched."""
-    from influence import build_proxy_model
-
-    p = cfg.proxy
     stage = Stage(Path(cfg.cache_dir), f"proxy-ckpt-s{model.seed}",
                   stable_hash({"v": 1, "model": model.key, "checkpoints": n}))
     if not stage.is_done():
-        rows = sample_rows(len(pool.store), p.train_sample, model.seed + 1)
         logger.info("seed %d: training the proxy again to save %d checkpoints (vog / el2n)", model.seed, n)
         with stage.building() as tmp:
-            build_proxy_model(pool.store.texts(rows), tmp / "model", seed=model.seed, vocab_size=p.vocab_size,
-                              hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                              max_length=p.max_length, train_length=min(p.train_length, p.max_length),
-                              steps=p.steps, batch_size=p.batch_size, lr=p.lr, save_checkpoints=n)
+            _train_proxy(cfg, pool, model.seed, tmp / "model", save_checkpoints=n)
             stage.commit(tmp, {"checkpoints": n})
     ckpts = sorted((stage.path / "model" / "checkpoints").glob("step_*"))
     return [str(c) for c in ckpts] + [str(model.model_dir)]

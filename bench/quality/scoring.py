@@ -29,22 +29,23 @@ def make_fitted_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, nam
     """The scorer as ``jobs.models.fit_scorer`` builds it: curvature on a seeded pool sample,
     the reference set collapsed to one vector per layer. Returns (scorer, seconds)."""
     from influence import InfluenceModel, make_scorer
+    from influence.base import scorer_class
 
     from jobs.config import ScorerConfig
-    from jobs.models import scorer_class, scorer_kwargs
+    from jobs.models import scorer_kwargs
 
     t0 = time.monotonic()
     im = InfluenceModel.load(str(model.model_dir), max_length=cfg.proxy.max_length, device=cfg.device,
                              batch_size=cfg.proxy.score_batch)
     s = cfg.scorer
     options = dict(s.options.get(name, {}))
-    if scorer_class(ScorerConfig(name=name)).needs_checkpoints and "checkpoints" not in options:
+    if scorer_class(name).needs_checkpoints and "checkpoints" not in options:
         options["checkpoints"] = proxy_checkpoints(cfg, pool, model)
     # the options `quadsel run` would pass for `scorer.name: <name>` with these settings
     job_scorer = ScorerConfig.model_validate({"name": name, "layers": s.layers, "damping": s.damping,
                                               "damping_mode": "relative", "options": options})
-    job_scorer.model_fields_set.clear()  # settings shared by every scorer: each takes what it has
-    sc = make_scorer(name, im, **scorer_kwargs(job_scorer, seed))
+    # settings shared by every scorer (none set for this one in particular): each takes what it has
+    sc = make_scorer(name, im, **scorer_kwargs(job_scorer, seed, explicit=set()))
     if sc.needs_fit:
         sc.fit(pool.store.texts(sample_rows(len(pool.store), s.fit_sample, seed + 2)))
     sc.set_reference(reference)

@@ -111,7 +111,7 @@ class TfidfEmbedder(Embedder):
             parts = []
             for i in range(0, len(texts), 2048):
                 parts.append(self._counts(texts[i:i + 2048]))
-                prog.advance(len(parts[-1].indptr) - 1)
+                prog.advance(parts[-1].shape[0])
         x = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
         df = np.bincount(x.indices, minlength=self.cfg.n_features)
         order = np.argsort(-df, kind="stable")[: self.cfg.max_features]
