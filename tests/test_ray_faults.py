@@ -65,6 +65,7 @@ def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_
     cfg = small_job(tmp_path, ray=True)  # ray.enabled, num_actors=2; Ray is already connected
     cfg["ray"]["max_restarts"] = 3        # the lost actor is restarted... where there is no room
     cfg["selection"]["quad"]["arms_per_round"] = 1  # more rounds: some run after the node is gone
+    cfg["model"]["batch_size"] = 1  # one text per chunk: every round keeps both actors busy
     reference = JobConfig.model_validate(dict(cfg, run_dir=str(tmp_path / "reference")))
     summary = run_job.run_selection(reference)
     assert summary["selected"] == 60 and summary["rounds"] >= 3
