@@ -127,8 +127,8 @@ def purity_report(assignments: np.ndarray, domains: np.ndarray) -> dict:
 
 
 def pool_run(pool_path: Path, k: int, threads: int) -> dict:
-    from pipeline.cluster import ClusterConfig, cluster_store
-    from pipeline.embed import EmbedConfig, embed_batches, make_embedder, sample_rows
+    from quadsel.pipeline.cluster import ClusterConfig, cluster_store
+    from quadsel.pipeline.embed import EmbedConfig, embed_batches, make_embedder, sample_rows
 
     t_start = time.perf_counter()
     rows = read_pool(pool_path)
@@ -174,7 +174,7 @@ def cli_run(pool_path: Path, k: int) -> dict:
         job = Path(tmp) / "job.yaml"
         job.write_text(f"run_dir: {tmp}/run\npool:\n  path: {pool_path}\ncluster:\n  k: {k}\n")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "cluster", str(job), "--quiet"],
+        proc = subprocess.run([sys.executable, "-m", "quadsel", "cluster", str(job), "--quiet"],
                               cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results_cluster.md")
     args = p.parse_args(argv)
 
-    from pipeline.atomic import atomic_write_text
-    from pipeline.cluster import cpu_budget
-    from pipeline.progress import configure_logging
+    from quadsel.pipeline.atomic import atomic_write_text
+    from quadsel.pipeline.cluster import cpu_budget
+    from quadsel.pipeline.progress import configure_logging
 
     configure_logging("INFO", progress="log")
     threads = args.threads or cpu_budget()

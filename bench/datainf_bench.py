@@ -26,8 +26,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from test_influence_datainf import LAYERS, autograd_grads  # the tests' autograd reference
 
-    from influence import make_scorer
-    from influence.testing import tiny_influence_model
+    from quadsel.influence import make_scorer
+    from quadsel.influence.testing import tiny_influence_model
 
     with open(POOL, encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for _, line in zip(range(200), fh)]

@@ -40,8 +40,8 @@ MACHINE = "2-core CPU container, shared with other jobs (noisy)"
 
 def load_pool(n: int, root: Path, rows_per_shard: int):
     """The first ``n`` documents of the bench pool as a pool store under ``root``."""
-    from pipeline.sources import Example
-    from pipeline.store import PoolStore
+    from quadsel.pipeline.sources import Example
+    from quadsel.pipeline.store import PoolStore
 
     rows = []
     with open(POOL, encoding="utf-8") as fh:
@@ -57,7 +57,7 @@ def save_model(root: Path, texts: list[str], *, size: str, cpu_hidden: int, max_
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from influence.proxy import train_tokenizer
+    from quadsel.influence.proxy import train_tokenizer
 
     vocab, hidden, layers, heads, mlp = {
         "125m": (8192, 768, 12, 12, 3072),
@@ -88,8 +88,8 @@ def timed(fn):
 def cpu_part(pool, root: Path, args, lines: list[str]) -> None:
     import ray
 
-    from pipeline.embed import EmbedConfig
-    from pipeline.feature_stage import compute_features, prepare_embedder
+    from quadsel.pipeline.embed import EmbedConfig
+    from quadsel.pipeline.feature_stage import compute_features, prepare_embedder
 
     model = save_model(root, pool.texts(range(min(len(pool), 3000))), size="small",
                        cpu_hidden=args.cpu_hidden, max_length=args.max_length)
@@ -133,8 +133,8 @@ def cpu_part(pool, root: Path, args, lines: list[str]) -> None:
 def gpu_part(pool, root: Path, args, lines: list[str]) -> None:
     import torch
 
-    from pipeline.embed import EmbedConfig
-    from pipeline.feature_stage import compute_features, prepare_embedder
+    from quadsel.pipeline.embed import EmbedConfig
+    from quadsel.pipeline.feature_stage import compute_features, prepare_embedder
 
     model = save_model(root, pool.texts(range(min(len(pool), 3000))), size=args.gpu_model,
                        cpu_hidden=args.cpu_hidden, max_length=args.max_length)

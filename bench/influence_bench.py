@@ -72,7 +72,7 @@ def load_texts(n: int, min_chars: int, seed: int) -> tuple[list[str], str]:
         docs = [json.loads(line)["text"] for line in POOL.open(encoding="utf-8")]
         src = f"bench pool ({POOL.name})"
     else:
-        from influence.testing import random_texts
+        from quadsel.influence.testing import random_texts
 
         docs = random_texts(20000, seed=seed, min_words=20, max_words=200)
         src = "synthetic random words (bench pool not found)"
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return accuracy(args)
 
     sys.path.insert(0, str(REPO))
-    from influence import FeatureExtractor, InfluenceModel, make_scorer
-    from influence.model import resolve_device, resolve_dtype
-    from influence.proxy import train_tokenizer
+    from quadsel.influence import FeatureExtractor, InfluenceModel, make_scorer
+    from quadsel.influence.model import resolve_device, resolve_dtype
+    from quadsel.influence.proxy import train_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for p in model.parameters():
         p.requires_grad_(True)
-    from influence.hooks import GradientPass
+    from quadsel.influence.hooks import GradientPass
 
     def floor():  # (b) without its hooks: forward + activation-only backward (the lower bound)
         with GradientPass(im, [], [], lambda *a: None) as gp:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"(> --naive-max-gb {args.naive_max_gb})"}
         print(f"(a) skipped: {results['a1']['skipped']}", flush=True)
     else:
-        from influence.layers import get_modules
+        from quadsel.influence.layers import get_modules
 
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         proj = (torch.randn(d_total, args.dim, generator=gen) / math.sqrt(args.dim)).to(device)
@@ -257,7 +257,7 @@ def accuracy(args) -> int:
     from scipy.stats import spearmanr
 
     sys.path.insert(0, str(REPO))
-    from influence import InfluenceModel, build_proxy_model, make_scorer
+    from quadsel.influence import InfluenceModel, build_proxy_model, make_scorer
 
     if not POOL.is_file():
         print(f"--accuracy needs the bench pool at {POOL}")
@@ -304,7 +304,7 @@ def accuracy(args) -> int:
     print(text)
     out = Path(args.out)
     existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
-    from pipeline.atomic import atomic_write_text
+    from quadsel.pipeline.atomic import atomic_write_text
 
     atomic_write_text(out, replace_section(existing, lines[0], text))
     return 0
@@ -376,7 +376,7 @@ def write_report(args, cfg, res, info) -> None:
     out = Path(args.out)
     header = section_header(args, cfg, info)
     existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
-    from pipeline.atomic import atomic_write_text
+    from quadsel.pipeline.atomic import atomic_write_text
 
     atomic_write_text(out, replace_section(existing, header, text))
 

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from scipy.stats import spearmanr
 
-    from influence import InfluenceModel, build_proxy_model, make_scorer
-    from influence.predictor import fit_regressor, forward_features, token_counts
+    from quadsel.influence import InfluenceModel, build_proxy_model, make_scorer
+    from quadsel.influence.predictor import fit_regressor, forward_features, token_counts
 
     rng = np.random.default_rng(args.seed)
     pool = _read(DATA / "pool.jsonl")

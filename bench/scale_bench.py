@@ -120,7 +120,7 @@ def run_one(n: int, work: Path, k: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: nothing cached
     cfg_path = work / f"job-{n}.yaml"
     cfg_path.write_text(yaml.safe_dump(job_config(data, run_dir, k)))
-    cmd = [sys.executable, "-m", "jobs.cli", "run", str(cfg_path), "-q", "--progress", "quiet"]
+    cmd = [sys.executable, "-m", "quadsel", "run", str(cfg_path), "-q", "--progress", "quiet"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = open(work / f"log-{n}.txt", "w")
     t0 = time.monotonic()

@@ -2,7 +2,7 @@
 
 Entry point::
 
-    from influence import InfluenceModel, make_scorer
+    from quadsel.influence import InfluenceModel, make_scorer
     im = InfluenceModel.load("path/or/hub-id", max_length=512, device="auto")
     sc = make_scorer("ekfac", im, layers="all", damping=0.1, projection_dim=None)
     sc.fit(fit_texts); sc.set_reference(ref_texts); scores = sc.score(texts)

@@ -25,7 +25,7 @@ import torch
 
 from .model import InfluenceModel
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 SCORER_FORMAT_VERSION = 1
 _REGISTRY: dict[str, type["Scorer"]] = {}
@@ -116,7 +116,7 @@ class Scorer(ABC):
         The model is referenced by its source path/id; it is copied into ``directory/model``
         when ``save_model`` is True, or when it has no source (built in memory).
         """
-        from pipeline.atomic import atomic_write_text, canonical_json
+        from quadsel.pipeline.atomic import atomic_write_text, canonical_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from .hooks import GradientPass
 from .layers import TrackedLayer
 from .model import InfluenceModel
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Curvature(ABC):
         pass
 
     def save(self, directory: str | Path) -> None:
-        from pipeline.atomic import atomic_path, atomic_write_text, canonical_json
+        from quadsel.pipeline.atomic import atomic_path, atomic_write_text, canonical_json
         from safetensors.torch import save_file
 
         d = Path(directory)
@@ -124,7 +124,7 @@ class KFAC(Curvature):
 
     # -------------------------------------------------------------- fitting
     def fit(self, im, layers, texts, batch_size=None):
-        from pipeline.progress import Progress
+        from quadsel.pipeline.progress import Progress
 
         texts = list(texts)
         if not texts:
@@ -200,7 +200,7 @@ class EKFAC(KFAC):
     name = "ekfac"
 
     def fit(self, im, layers, texts, batch_size=None):
-        from pipeline.progress import Progress
+        from quadsel.pipeline.progress import Progress
 
         super().fit(im, layers, texts, batch_size)  # covariances + eigenbases
         layers = list(layers)

@@ -26,13 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_write_json
-from pipeline.embed.base import META, EmbedConfig, Embedder, l2_normalize
+from quadsel.pipeline.atomic import atomic_write_json
+from quadsel.pipeline.embed.base import META, EmbedConfig, Embedder, l2_normalize
 
 from .features import FeatureExtractor
 from .model import InfluenceModel
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 __all__ = ["HiddenStateEmbedder", "GradientEmbedder"]
 

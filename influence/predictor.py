@@ -49,7 +49,7 @@ import torch
 from .base import Scorer, ScorerConfig, load_scorer, make_scorer, register_scorer
 from .model import InfluenceModel, _check_texts
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 MIN_LABELS = 20  # fewer labelled texts cannot support a fit plus a holdout measurement
 MIN_HOLDOUT = 5
@@ -164,7 +164,7 @@ class Regressor:
         return out.astype(np.float64)
 
     def save(self, path: Path) -> None:
-        from pipeline.atomic import atomic_path
+        from quadsel.pipeline.atomic import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **self.arrays)

@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.progress import Progress
+from quadsel.pipeline.progress import Progress
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 BOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -43,7 +43,7 @@ from .layers import LayerSpec, find_layers
 from .model import InfluenceModel, _check_texts
 from .projection import Layout, LayoutMismatchError, Projector, make_layout
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 
 # ====================================================================== gradient scorers
@@ -140,7 +140,7 @@ class GradientScorer(Scorer):
 
     def _mean_gradient(self, texts: Sequence[str], weights: np.ndarray | None) -> list[torch.Tensor]:
         """``(1/m) Σ_j w_j G_j`` per layer in the full ``[out, in]`` space (float64, CPU)."""
-        from pipeline.progress import Progress
+        from quadsel.pipeline.progress import Progress
 
         acc = [torch.zeros(t.out_features, t.in_features, dtype=torch.float64, device=self.model.device)
                for t in self.layers]
@@ -186,7 +186,7 @@ class GradientScorer(Scorer):
     # -------------------------------------------------------------- score
     @torch.no_grad()
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        from pipeline.progress import Progress
+        from quadsel.pipeline.progress import Progress
 
         self._require_ready()
         texts = _check_texts(texts)
@@ -226,7 +226,7 @@ class GradientScorer(Scorer):
                 "reference_size": self.reference_size}
 
     def _save_state(self, directory: Path) -> None:
-        from pipeline.atomic import atomic_path
+        from quadsel.pipeline.atomic import atomic_path
         from safetensors.torch import save_file
 
         self.curvature.save(directory)

@@ -47,7 +47,7 @@ from .base import Scorer, ScorerConfig, register_scorer
 from .hooks import _frozen_params
 from .model import Batch, InfluenceModel, _check_texts
 
-logger = logging.getLogger("quadsel.influence")
+logger = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"step_(\d+)")
 
@@ -155,7 +155,7 @@ class TrajectoryScorer(Scorer):
 
     def _checkpoint_loop(self, ids: list[list[int]], per_batch) -> None:
         """For each checkpoint k (one on the device at a time), ``per_batch(k, model, batch)``."""
-        from pipeline.progress import Progress
+        from quadsel.pipeline.progress import Progress
 
         dev = self.model.device
         K = len(self.checkpoint_paths)

@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.progress import configure_logging
+from quadsel import __version__
+from quadsel.pipeline.progress import configure_logging
 
-logger = logging.getLogger("quadsel")
+logger = logging.getLogger(__name__)
 
 _EPILOG = """examples:
   quadsel demo                               build the embedded corpus and run the main job on it
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quadsel", description="Select language-model training data that is influential and diverse (Quad).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"quadsel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="build the embedded default corpus and run the main job on it",
@@ -94,15 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.lock import RunLockedError
-    from pipeline.sources import SourceError
+    from quadsel.pipeline.lock import RunLockedError
+    from quadsel.pipeline.sources import SourceError
 
     from .config import ConfigError
     from .inspect import InspectError
     from .stages import JobError
 
     # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
-    from pipeline.ray_runtime import WorkerPoolError
+    from quadsel.pipeline.ray_runtime import WorkerPoolError
 
     return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, OSError)
 

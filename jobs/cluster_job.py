@@ -8,19 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_json
-from pipeline.lock import RunLock
-from pipeline.progress import run_log
+from quadsel.pipeline.atomic import atomic_write_json
+from quadsel.pipeline.lock import RunLock
+from quadsel.pipeline.progress import run_log
 
 from .config import JobConfig
 from .stages import (MODEL_EMBEDDERS, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
-logger = logging.getLogger("quadsel.jobs")
+logger = logging.getLogger(__name__)
 
 
 def neighbour_gamma(cfg: JobConfig) -> float:
-    from selection import QuadConfig
+    from quadsel.selection import QuadConfig
 
     return float(cfg.selection.quad.get("gamma", QuadConfig.model_fields["gamma"].default))
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.cluster import ClusterConfig
-from pipeline.embed import EmbedConfig
-from pipeline.shards import ShardConfig
-from pipeline.sources import SourceConfig
+from quadsel.pipeline.cluster import ClusterConfig
+from quadsel.pipeline.embed import EmbedConfig
+from quadsel.pipeline.shards import ShardConfig
+from quadsel.pipeline.sources import SourceConfig
 
 
 class ConfigError(ValueError):

@@ -7,12 +7,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.atomic import atomic_write_text
-from pipeline.demo import build_demo_corpus
+from quadsel.pipeline.atomic import atomic_write_text
+from quadsel.pipeline.demo import build_demo_corpus
 
 from .config import load_config
 
-logger = logging.getLogger("quadsel.jobs")
+logger = logging.getLogger(__name__)
 
 
 def demo_config(run_dir: Path, pool: Path, reference: Path, seed: int) -> dict[str, Any]:

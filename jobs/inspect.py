@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.store import PoolStore
+from quadsel.pipeline.store import PoolStore
 
 from .report_data import InspectError, summary_rows, top_terms
 from .stages import snippet
@@ -56,7 +56,7 @@ def _terms(run_dir: Path, k: int) -> list[list[str]] | None:
     try:
         return top_terms(run_dir, k)
     except (OSError, ValueError) as e:  # a damaged cache or store: the table is still useful
-        logging.getLogger("quadsel.report").warning("top terms unavailable: %s", e)
+        logging.getLogger(__name__).warning("top terms unavailable: %s", e)
         return None
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import faults
-from pipeline.atomic import stable_hash
-from pipeline.progress import Progress
-from pipeline.stage import Stage
-from pipeline.store import PoolStore
+from quadsel.pipeline import faults
+from quadsel.pipeline.atomic import stable_hash
+from quadsel.pipeline.progress import Progress
+from quadsel.pipeline.stage import Stage
+from quadsel.pipeline.store import PoolStore
 
-from pipeline.embed import sample_rows
+from quadsel.pipeline.embed import sample_rows
 
 from .stages import JobError, RunContext
 
@@ -40,7 +40,7 @@ def check_model_path(mcfg) -> None:
         raise JobError(f"model.path: {p!r} does not exist (a local folder with config.json, or a "
                        "Hugging Face model id like 'org/name'; null trains a proxy model)")
 
-logger = logging.getLogger("quadsel.jobs")
+logger = logging.getLogger(__name__)
 
 
 def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
@@ -49,7 +49,7 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
     if mcfg.path is not None:
         ctx.keys["model"] = stable_hash({"path": mcfg.path})
         return mcfg.path
-    from influence import build_proxy_model
+    from quadsel.influence import build_proxy_model
 
     p = mcfg.proxy
     n_ckpt = p.checkpoints
@@ -79,7 +79,7 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
 
 
 def _load_model(ctx: RunContext, model_dir: str):
-    from influence import InfluenceModel
+    from quadsel.influence import InfluenceModel
 
     m = ctx.cfg.model
     try:
@@ -114,8 +114,8 @@ _COMMON = ("layers", "damping", "damping_mode", "projection_dim")
 
 def scorer_class(scfg):
     """The registered scorer class of ``scorer.name`` (a JobError naming the choices otherwise)."""
-    import influence  # noqa: F401 - registers every scorer
-    from influence.base import available_scorers, scorer_class as registered
+    import quadsel.influence  # noqa: F401 - registers every scorer
+    from quadsel.influence.base import available_scorers, scorer_class as registered
 
     cls = registered(scfg.name)
     if cls is None:
@@ -155,7 +155,7 @@ def scorer_kwargs(scfg, seed: int, *, explicit: set[str] | None = None) -> dict:
 
 def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_dir: str) -> Path:
     """Fit the scorer (curvature on a sample) and set the reference; saved for the workers."""
-    from influence import make_scorer
+    from quadsel.influence import make_scorer
 
     s = ctx.cfg.scorer
     key = stable_hash({"v": 1, "model": ctx.keys["model"], "ref": ctx.keys.get("reference"),
@@ -191,7 +191,7 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_di
 
 def load_scorer_factory(ctx_or_cfg, scorer_dir: Path):
     """A picklable factory that loads the fitted scorer inside a worker (any machine)."""
-    from influence import load_scorer
+    from quadsel.influence import load_scorer
 
     cfg = getattr(ctx_or_cfg, "cfg", ctx_or_cfg)
     return functools.partial(load_scorer, str(scorer_dir), device=cfg.model.device)

@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_text
-from pipeline.progress import Progress
+from quadsel.pipeline.atomic import atomic_write_text
+from quadsel.pipeline.progress import Progress
 
 from . import report_plots as plots
 from .report_data import InspectError, RunData, load_run, top_terms
 from .stages import snippet
 
-logger = logging.getLogger("quadsel.report")
+logger = logging.getLogger(__name__)
 
 
 class ReportError(InspectError):

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
-from pipeline.progress import Progress
-from pipeline.store import PoolStore
+from quadsel.pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
+from quadsel.pipeline.progress import Progress
+from quadsel.pipeline.store import PoolStore
 
-logger = logging.getLogger("quadsel.report")
+logger = logging.getLogger(__name__)
 
 TOP_TERMS_FILE = "top_terms.json"
 WORD_PATTERN = r"(?u)\b[^\W\d_][^\W_]*(?:_[^\W_]+)*\b"  # words and snake_case names, no numbers

@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import faults
-from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
-from pipeline.lock import RunLock
-from pipeline.progress import Progress, run_log
-from pipeline.shards import ShardWriter, recover, selection_schema, verify
-from pipeline.stage import Stage
-from pipeline.store import PoolStore, expand_meta
+from quadsel.pipeline import faults
+from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
+from quadsel.pipeline.lock import RunLock
+from quadsel.pipeline.progress import Progress, run_log
+from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify
+from quadsel.pipeline.stage import Stage
+from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
 from .models import (check_model_path, fit_scorer, load_scorer_factory, prepare_model, scorer_class, scorer_kwargs,
@@ -30,7 +30,7 @@ from .models import (check_model_path, fit_scorer, load_scorer_factory, prepare_
 from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
                      write_assignments, write_cluster_summary)
 
-logger = logging.getLogger("quadsel.jobs")
+logger = logging.getLogger(__name__)
 
 NOISE_DOMAINS = ("spam", "garbage", "duplicate")
 
@@ -58,8 +58,8 @@ def _check_budget(cfg: JobConfig, n_rows: int, lengths: np.ndarray | None) -> No
 def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarray,
                     lengths: np.ndarray | None, n_rows: int):
     """The selectors' view of the pool (members per cluster, neighbour graph), budget, constants."""
-    from pipeline.cluster import neighbour_graph
-    from selection import Budget, ClusterView, QuadConfig
+    from quadsel.pipeline.cluster import neighbour_graph
+    from quadsel.selection import Budget, ClusterView, QuadConfig
 
     b = cfg.selection.budget
     if b.amount is not None:
@@ -101,7 +101,7 @@ def _score_rows_fn(pool: PoolStore, workers, counter: dict[str, float]):
 
 
 def _make_workers(cfg: JobConfig, factory):
-    from pipeline.ray_runtime import LocalPool, RayPool
+    from quadsel.pipeline.ray_runtime import LocalPool, RayPool
 
     if cfg.ray.enabled:
         return RayPool(factory, num_actors=cfg.ray.num_actors, num_cpus=cfg.ray.num_cpus_per_actor,
@@ -183,7 +183,7 @@ def _scorer_report(scorer_dir: Path) -> dict[str, Any]:
 
 
 def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
-    from selection import make_selector, run_selector
+    from quadsel.selection import make_selector, run_selector
 
     t_start = time.monotonic()
     check_model_path(cfg.model)  # before anything is written

@@ -18,17 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import faults
-from pipeline.atomic import atomic_path, atomic_write_text, stable_hash
-from pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
-from pipeline.embed import EmbeddingStore, embed_batches, make_embedder, sample_rows
-from pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
-from pipeline.stage import Stage
-from pipeline.store import PoolStore
+from quadsel.pipeline import faults
+from quadsel.pipeline.atomic import atomic_path, atomic_write_text, stable_hash
+from quadsel.pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
+from quadsel.pipeline.embed import EmbeddingStore, embed_batches, make_embedder, sample_rows
+from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
+from quadsel.pipeline.stage import Stage
+from quadsel.pipeline.store import PoolStore
 
 from .config import JobConfig, dump_config
 
-logger = logging.getLogger("quadsel.jobs")
+logger = logging.getLogger(__name__)
 
 SNIPPET_CHARS = 160
 
@@ -173,7 +173,7 @@ def _embed_with_feature_stage(ctx: RunContext, store: PoolStore, stage: Stage, m
     The work folder lives outside the stage's temporary folder so that a killed run keeps the
     shards it finished; it is moved into the stage when complete.
     """
-    from pipeline.feature_stage import run_feature_stage
+    from quadsel.pipeline.feature_stage import run_feature_stage
 
     work = ctx.run_dir / "stages" / f"embed.work-{stage.key}"
     r = ctx.cfg.ray

@@ -36,7 +36,7 @@ from .atomic import atomic_path, atomic_write_json, read_json
 from .embed import EmbeddingStore, l2_normalize
 from .progress import Progress
 
-logger = logging.getLogger("quadsel.cluster")
+logger = logging.getLogger(__name__)
 
 RESULT_META = "cluster.json"
 _ARRAYS = ("centroids", "assignments", "similarity", "sizes")

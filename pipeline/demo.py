@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 
-logger = logging.getLogger("quadsel.demo")
+logger = logging.getLogger(__name__)
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
               "lib2to3", "ensurepip", "turtledemo", "idlelib", "tkinter", "config-3"}

@@ -20,22 +20,22 @@ from collections import Counter
 ENV = "QUADSEL_FAULT"
 
 POINTS = {
-    "sources.file": "pipeline.sources: before each input file is read",
-    "store.batch": "pipeline.store: after each incoming batch of validated rows is buffered",
-    "stage.commit.<name>": "pipeline.stage: a stage's _DONE marker written, folder not yet in place",
-    "stage.swap.<name>": "pipeline.stage: the outdated stage folder moved aside, new one not in place",
-    "embed.batch": "jobs.stages: before each batch of texts is embedded",
-    "cluster.trained": "jobs.stages: k-means done, result not yet saved",
-    "proxy.trained": "jobs.models: proxy model trained and saved, stage not committed",
-    "scorer.fitted": "jobs.models: curvature fitted, reference not yet set",
-    "score.call": "jobs.run_job: a probe scored, before the bandit sees the scores",
-    "round.before_save": "jobs.run_job: a bandit round done, state.json not yet written",
-    "round.saved": "jobs.run_job: state.json written for a round",
-    "select.done": "jobs.run_job: selection finished, nothing else written",
-    "shards.shard": "pipeline.shards: after each shard file is complete",
-    "shards.withdrawn": "pipeline.shards: the old manifest withdrawn, the old shards still live",
-    "shards.installed": "pipeline.shards: the new shard folder live, manifest not yet published",
-    "run.before_summary": "jobs.run_job: manifest published, summary.json not yet written",
+    "sources.file": "quadsel.pipeline.sources: before each input file is read",
+    "store.batch": "quadsel.pipeline.store: after each incoming batch of validated rows is buffered",
+    "stage.commit.<name>": "quadsel.pipeline.stage: a stage's _DONE marker written, folder not yet in place",
+    "stage.swap.<name>": "quadsel.pipeline.stage: the outdated stage folder moved aside, new one not in place",
+    "embed.batch": "quadsel.jobs.stages: before each batch of texts is embedded",
+    "cluster.trained": "quadsel.jobs.stages: k-means done, result not yet saved",
+    "proxy.trained": "quadsel.jobs.models: proxy model trained and saved, stage not committed",
+    "scorer.fitted": "quadsel.jobs.models: curvature fitted, reference not yet set",
+    "score.call": "quadsel.jobs.run_job: a probe scored, before the bandit sees the scores",
+    "round.before_save": "quadsel.jobs.run_job: a bandit round done, state.json not yet written",
+    "round.saved": "quadsel.jobs.run_job: state.json written for a round",
+    "select.done": "quadsel.jobs.run_job: selection finished, nothing else written",
+    "shards.shard": "quadsel.pipeline.shards: after each shard file is complete",
+    "shards.withdrawn": "quadsel.pipeline.shards: the old manifest withdrawn, the old shards still live",
+    "shards.installed": "quadsel.pipeline.shards: the new shard folder live, manifest not yet published",
+    "run.before_summary": "quadsel.jobs.run_job: manifest published, summary.json not yet written",
 }
 
 

@@ -43,7 +43,7 @@ from .embed.store import INDEX, write_index, write_vector_shard
 from .progress import Progress
 from .store import PoolStore
 
-logger = logging.getLogger("quadsel.features")
+logger = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done.json"
 Backend = Literal["local", "ray"]

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Literal, TypeVar
 T = TypeVar("T")
 Mode = Literal["auto", "pretty", "log", "quiet"]
 
-logger = logging.getLogger("quadsel")
+logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-logger = logging.getLogger("quadsel.ray")
+logger = logging.getLogger(__name__)
 
 
 class ScoreFn(Protocol):

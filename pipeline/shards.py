@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -66,6 +65,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from quadsel import __version__
+
 from . import faults
 from .atomic import (
     TMP_PREFIX,
@@ -78,7 +79,7 @@ from .atomic import (
     sha256_file,
 )
 
-logger = logging.getLogger("quadsel.shards")
+logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 QUADSEL_COLUMNS: tuple[pa.Field, ...] = (
@@ -187,7 +188,7 @@ def _load(mpath: Path) -> dict:
     if not mpath.is_file():
         hint = ""
         if mpath.parent.is_dir() and any(mpath.parent.glob(".*.tmp-*")):
-            hint = " (a write may have been interrupted: pipeline.shards.recover(run_dir) repairs)"
+            hint = " (a write may have been interrupted: quadsel.pipeline.shards.recover(run_dir) repairs)"
         raise ManifestError(f"no manifest at {mpath}{hint}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
@@ -404,13 +405,6 @@ def _single_name(value: str, what: str) -> str:
     return value
 
 
-def _quadsel_version() -> str:
-    try:
-        return importlib.metadata.version("quadsel")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 class ShardWriter:
     """Write selected rows as shards of ``run_dir/<subdir>`` and publish a manifest atomically.
 
@@ -604,7 +598,7 @@ class ShardWriter:
             "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable}
                        for f in self.schema],
             "shard_config": self.cfg.model_dump(),
-            "quadsel_version": _quadsel_version(),
+            "quadsel_version": __version__,
             **self._meta,
         }
 

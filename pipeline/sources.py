@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from . import faults
 
-logger = logging.getLogger("quadsel")
+logger = logging.getLogger(__name__)
 
 JSONL_EXTS = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 PARQUET_EXTS = (".parquet", ".pq")

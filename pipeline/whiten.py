@@ -29,7 +29,7 @@ from .embed import EmbeddingStore, WhitenConfig, l2_normalize
 from .embed.store import INDEX, write_index, write_vector_shard
 from .progress import Progress
 
-logger = logging.getLogger("quadsel.whiten")
+logger = logging.getLogger(__name__)
 
 META = "whitener.json"
 ARRAYS = "whitener.npz"

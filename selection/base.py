@@ -32,7 +32,7 @@ from .types import (
     view_fingerprint,
 )
 
-logger = logging.getLogger("quadsel.selection")
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 

@@ -13,7 +13,7 @@ from .baselines import ClusterTopKSelector, RandomSelector, TopKSelector
 from .config import BaselineConfig, QuadConfig
 from .types import Budget, ClusterView, Selection
 
-logger = logging.getLogger("quadsel.selection")
+logger = logging.getLogger(__name__)
 
 SELECTORS: dict[str, type[Selector]] = {
     "quad": QuadSelector,

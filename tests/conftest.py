@@ -56,7 +56,7 @@ def small_job(root: Path, *, method: str = "quad", ray: bool = False, relative: 
     ``relative=True`` writes paths relative to ``root`` (run from there), so that two copies of
     the same job in different folders have the same config.
     """
-    from pipeline.demo import build_demo_corpus
+    from quadsel.pipeline.demo import build_demo_corpus
 
     data = root / "data"
     if not (data / "pool.jsonl").is_file():
@@ -97,7 +97,7 @@ def _restore_quadsel_logging():
     so later tests' caplog sees quadsel's records whatever the test order."""
     import logging
 
-    from pipeline import progress
+    from quadsel.pipeline import progress
 
     yield
     log = logging.getLogger("quadsel")

@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 from conftest import small_job
-from jobs.cli import main
-from pipeline.shards import data_files, verify
+from quadsel.jobs.cli import main
+from quadsel.pipeline.shards import data_files, verify
 
 BASE_ROWS = 100  # rows of the small good pool that row-level cases add bad rows to
 
@@ -372,12 +372,12 @@ def test_bad_input(kind, command, setup, good, tmp_path, monkeypatch, capsys):
         job = json.loads((run_dir / "clusters" / "cluster_job.json").read_text())
         assert job["rows"] == expect["rows"]
         if "first_id" in expect:
-            from pipeline.store import PoolStore
+            from quadsel.pipeline.store import PoolStore
 
             store = PoolStore.open(run_dir / "stages" / "sources" / "store")
             assert store.ids()[0] == expect["first_id"] and "\ufeff" not in store.texts([0])[0]
         if kind == "crlf-line-endings":
-            from pipeline.store import PoolStore
+            from quadsel.pipeline.store import PoolStore
 
             store = PoolStore.open(run_dir / "stages" / "sources" / "store")
             assert not any("\r" in t for t in store.texts(list(range(len(store)))))

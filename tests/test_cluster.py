@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.cluster import (ClusterConfig, ClusterResult, assign, cluster_store, fit_kmeans, gpu_usable,
+from quadsel.pipeline.cluster import (ClusterConfig, ClusterResult, assign, cluster_store, fit_kmeans, gpu_usable,
                               neighbour_graph, representatives)
-from pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, make_embedder
+from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, make_embedder
 
 K = 30
 
@@ -37,7 +37,7 @@ def result(embedded) -> ClusterResult:
 @pytest.fixture
 def cluster_log(caplog):
     """Capture quadsel.cluster records even when the CLI made the quadsel logger not propagate."""
-    log = logging.getLogger("quadsel.cluster")
+    log = logging.getLogger("quadsel.pipeline.cluster")
     old = log.level
     log.setLevel(logging.INFO)
     log.addHandler(caplog.handler)

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from conftest import REPO, small_job
-from jobs.cli import main
-from pipeline.shards import data_files, verify
+from quadsel.jobs.cli import main
+from quadsel.pipeline.shards import data_files, verify
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def _start(root: Path, fault: str | None = None) -> subprocess.Popen:
     env.pop("QUADSEL_FAULT", None)
     if fault:
         env["QUADSEL_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "job.yaml", "-q", "--progress", "quiet"],
+    return subprocess.Popen([sys.executable, "-m", "quadsel", "run", "job.yaml", "-q", "--progress", "quiet"],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from jobs.cli import build_parser, main
-from jobs.config import ConfigError, JobConfig, apply_overrides, dump_config, load_config
+from quadsel.jobs.cli import build_parser, main
+from quadsel.jobs.config import ConfigError, JobConfig, apply_overrides, dump_config, load_config
 
 
 def test_overrides_parse_yaml_values_and_nest():
@@ -89,7 +89,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "--defaults"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "quadsel", "config", "--defaults"], capture_output=True,
                          text=True, check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["pool"]["path"] == "path/to/pool.jsonl" and cfg["scorer"]["name"] == "ekfac"

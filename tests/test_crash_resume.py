@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from conftest import REPO, small_job
-from jobs.cli import main
-from pipeline.shards import data_files, recover, verify
+from quadsel.jobs.cli import main
+from quadsel.pipeline.shards import data_files, recover, verify
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def _quadsel(root: Path, fault: str | None = None, timeout: float = 300) -> subp
     env.pop("QUADSEL_FAULT", None)
     if fault:
         env["QUADSEL_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "run", "job.yaml", "-q", "--progress", "quiet"],
+    return subprocess.run([sys.executable, "-m", "quadsel", "run", "job.yaml", "-q", "--progress", "quiet"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -188,7 +188,7 @@ def test_kill_a_rerun_with_a_changed_config(reference, changed_reference, tmp_pa
 
 def test_disk_full_while_writing_the_selection_keeps_the_previous_one(reference, changed_reference,
                                                                       tmp_path, monkeypatch, capsys):
-    import pipeline.shards as shards
+    import quadsel.pipeline.shards as shards
 
     root = tmp_path / "full"
     shutil.copytree(reference["root"] / "run", root / "run")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.embed import (EmbedConfig, Embedder, EmbeddingStore, EmbeddingStoreError, embed_batches,
+from quadsel.pipeline.embed import (EmbedConfig, Embedder, EmbeddingStore, EmbeddingStoreError, embed_batches,
                             load_embedder, make_embedder, sample_rows)
 
 WORDS = ("the river runs past old mills and quiet farms while children play near the bridge "

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from influence import FeatureExtractor, InfluenceModel
-from influence.testing import random_texts, tiny_model, tiny_tokenizer
-from pipeline.embed import EmbedConfig, EmbeddingStore, l2_normalize, load_embedder, make_embedder
-from pipeline.embed.base import EMBEDDERS
-from pipeline.feature_stage import run_feature_stage
-from pipeline.sources import Example
-from pipeline.store import PoolStore
+from quadsel.influence import FeatureExtractor, InfluenceModel
+from quadsel.influence.testing import random_texts, tiny_model, tiny_tokenizer
+from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, l2_normalize, load_embedder, make_embedder
+from quadsel.pipeline.embed.base import EMBEDDERS
+from quadsel.pipeline.feature_stage import run_feature_stage
+from quadsel.pipeline.sources import Example
+from quadsel.pipeline.store import PoolStore
 
 MAX_LEN = 32
 TEXTS = random_texts(23, seed=4) + ["", "x"]
@@ -51,7 +51,7 @@ def direct_mean_pool(model_dir: Path, texts: list[str], layer: int) -> np.ndarra
 
 
 def test_registry_loads_model_embedders_lazily():
-    assert EMBEDDERS["hidden"].startswith("influence.") and EMBEDDERS["gradient"].startswith("influence.")
+    assert EMBEDDERS["hidden"].startswith("quadsel.influence.") and EMBEDDERS["gradient"].startswith("quadsel.influence.")
     with pytest.raises(ValueError, match="embed.model is not set"):
         make_embedder(EmbedConfig(kind="gradient"))
     c = EmbedConfig(kind="hidden").with_default_model("/models/proxy")

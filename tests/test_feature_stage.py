@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cluster import ClusterConfig, cluster_store
-from pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, load_embedder
-from pipeline.feature_stage import (DONE_SUFFIX, compute_features, embedder_fingerprint, plan_chunks,
+from quadsel.pipeline.cluster import ClusterConfig, cluster_store
+from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, load_embedder
+from quadsel.pipeline.feature_stage import (DONE_SUFFIX, compute_features, embedder_fingerprint, plan_chunks,
                                     prepare_embedder, run_feature_stage)
-from pipeline.sources import Example
-from pipeline.store import PoolStore
+from quadsel.pipeline.sources import Example
+from quadsel.pipeline.store import PoolStore
 
 WORDS = ("the river runs past old mills and quiet farms while children play near the bridge "
          "markets open early traders sell bread fish cheese and apples to busy crowds").split()

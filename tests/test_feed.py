@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.feed import ShardIterableDataset, load_selection
-from pipeline.shards import ShardConfig, ShardWriter, selection_schema
+from quadsel.pipeline.feed import ShardIterableDataset, load_selection
+from quadsel.pipeline.shards import ShardConfig, ShardWriter, selection_schema
 
 N_ROWS = 103
 SCHEMA = selection_schema(pa.schema([("id", pa.string()), ("text", pa.string()),

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import influence.attention  # noqa: F401  (registers "attention")
-from influence import load_scorer, make_scorer
-from influence.attention_heads import (
+import quadsel.influence.attention  # noqa: F401  (registers "attention")
+from quadsel.influence import load_scorer, make_scorer
+from quadsel.influence.attention_heads import (
     HeadMasker,
     build_probes,
     find_attention_sites,
     retrieval_scores,
     uniform_head_output,
 )
-from influence.testing import random_texts, tiny_influence_model, tiny_tokenizer
+from quadsel.influence.testing import random_texts, tiny_influence_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"probe_prompts": 8, "probe_pairs": 4}
@@ -259,7 +259,7 @@ def test_detection_finds_the_trained_copy_head():
         torch.set_num_threads(threads)
     model.eval()
 
-    from influence import InfluenceModel
+    from quadsel.influence import InfluenceModel
 
     im = InfluenceModel(model, tok, max_length=64, batch_size=8, device="cpu")
     sc = make_scorer("attention", im, probe_pairs=1, probe_key_tokens=2, probe_value_tokens=3,

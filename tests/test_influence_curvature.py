@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from influence import EKFAC, KFAC, FeatureExtractor, load_curvature, make_curvature, make_scorer
-from influence.layers import get_modules
-from influence.testing import random_texts, tiny_influence_model
+from quadsel.influence import EKFAC, KFAC, FeatureExtractor, load_curvature, make_curvature, make_scorer
+from quadsel.influence.layers import get_modules
+from quadsel.influence.testing import random_texts, tiny_influence_model
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import influence.datainf  # noqa: F401  (registers "datainf")
-from influence import load_scorer, make_scorer
-from influence.layers import get_modules
-from influence.testing import random_texts, tiny_influence_model
+import quadsel.influence.datainf  # noqa: F401  (registers "datainf")
+from quadsel.influence import load_scorer, make_scorer
+from quadsel.influence.layers import get_modules
+from quadsel.influence.testing import random_texts, tiny_influence_model
 
 # small layers (d = out*in <= 1024) so that dense d x d algebra stays cheap
 LAYERS = {"llama": ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.o_proj"],

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from influence import FeatureExtractor, LayoutMismatchError, find_layers, make_scorer
-from influence.layers import get_modules
-from influence.projection import Projector
-from influence.testing import SAMPLE_TEXTS, random_texts, tiny_influence_model
+from quadsel.influence import FeatureExtractor, LayoutMismatchError, find_layers, make_scorer
+from quadsel.influence.layers import get_modules
+from quadsel.influence.projection import Projector
+from quadsel.influence.testing import SAMPLE_TEXTS, random_texts, tiny_influence_model
 
 ARCHS = ["llama", "gpt2"]
 

@@ -26,8 +26,8 @@ from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.task import Task  # noqa: E402
 
-from influence import make_scorer  # noqa: E402
-from influence.testing import random_texts, tiny_influence_model  # noqa: E402
+from quadsel.influence import make_scorer  # noqa: E402
+from quadsel.influence.testing import random_texts, tiny_influence_model  # noqa: E402
 
 
 class _LMTask(Task):
@@ -35,7 +35,7 @@ class _LMTask(Task):
         self.modules = modules
 
     def _loss(self, batch, model):
-        from influence.model import InfluenceModel
+        from quadsel.influence.model import InfluenceModel
 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return InfluenceModel.summed_loss(logits, batch["input_ids"], batch["attention_mask"]).sum()

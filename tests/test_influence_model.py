@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from influence import InfluenceModel, build_proxy_model
-from influence.model import resolve_dtype
-from influence.testing import SAMPLE_TEXTS, random_texts, tiny_influence_model
+from quadsel.influence import InfluenceModel, build_proxy_model
+from quadsel.influence.model import resolve_dtype
+from quadsel.influence.testing import SAMPLE_TEXTS, random_texts, tiny_influence_model
 
 
 @pytest.fixture(scope="module")

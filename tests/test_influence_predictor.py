@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from influence import Scorer, ScorerConfig, load_scorer, make_scorer, register_scorer
-from influence.predictor import MIN_LABELS, PredictorScorer, fit_regressor, forward_features
-from influence.testing import random_texts, tiny_influence_model
+from quadsel.influence import Scorer, ScorerConfig, load_scorer, make_scorer, register_scorer
+from quadsel.influence.predictor import MIN_LABELS, PredictorScorer, fit_regressor, forward_features
+from quadsel.influence.testing import random_texts, tiny_influence_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,8 @@ def fitted(llama):
 
 
 def test_features_match_hidden_embedder_and_loss(im):
-    from pipeline.embed.base import EmbedConfig
-    from influence.embedders import HiddenStateEmbedder
+    from quadsel.pipeline.embed.base import EmbedConfig
+    from quadsel.influence.embedders import HiddenStateEmbedder
 
     texts = _pool(9, seed=1) + [""]
     for layer in (-1, 1):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from influence import (
+from quadsel.influence import (
     FeatureExtractor,
     LayoutMismatchError,
     Scorer,
@@ -17,8 +17,8 @@ from influence import (
     make_scorer,
     register_scorer,
 )
-from influence.layers import get_modules
-from influence.testing import random_texts, tiny_influence_model
+from quadsel.influence.layers import get_modules
+from quadsel.influence.testing import random_texts, tiny_influence_model
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import influence.trajectory  # noqa: F401  (registers "el2n" and "vog")
-from influence import InfluenceModel, build_proxy_model, load_scorer, make_scorer
-from influence.testing import random_texts, tiny_influence_model, tiny_model
+import quadsel.influence.trajectory  # noqa: F401  (registers "el2n" and "vog")
+from quadsel.influence import InfluenceModel, build_proxy_model, load_scorer, make_scorer
+from quadsel.influence.testing import random_texts, tiny_influence_model, tiny_model
 
 TEXTS = random_texts(5, seed=21) + ["x", ""]
 

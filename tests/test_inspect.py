@@ -10,19 +10,19 @@ import pytest
 from rich.console import Console
 
 from conftest import small_job
-from jobs.cli import main
-from jobs.config import JobConfig
-from jobs.inspect import InspectError, cluster_members, inspect_cluster, inspect_clusters
-from jobs.report_data import TOP_TERMS_FILE, cluster_top_terms, top_terms
-from pipeline.sources import Example
-from pipeline.store import PoolStore
+from quadsel.jobs.cli import main
+from quadsel.jobs.config import JobConfig
+from quadsel.jobs.inspect import InspectError, cluster_members, inspect_cluster, inspect_clusters
+from quadsel.jobs.report_data import TOP_TERMS_FILE, cluster_top_terms, top_terms
+from quadsel.pipeline.sources import Example
+from quadsel.pipeline.store import PoolStore
 
 
 def shared_runs(tmp_path_factory) -> dict[str, Path]:
     """One small quad run, one random-baseline run and one cluster-only run on the same corpus,
     built once per test session (test_report.py reuses them)."""
-    from jobs.cluster_job import run_cluster
-    from jobs.run_job import run_selection
+    from quadsel.jobs.cluster_job import run_cluster
+    from quadsel.jobs.run_job import run_selection
 
     root = tmp_path_factory.getbasetemp() / "quadsel-inspect-runs"
     runs = {"quad": root / "run", "random": root / "random-run", "cluster": root / "cluster-run"}

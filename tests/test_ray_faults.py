@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import small_job
-from jobs.config import JobConfig
-from pipeline.shards import data_files, verify
+from quadsel.jobs.config import JobConfig
+from quadsel.pipeline.shards import data_files, verify
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -58,7 +58,7 @@ def quadsel_log(caplog):
 
 def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_path, monkeypatch,
                                                                    quadsel_log):
-    import jobs.run_job as run_job
+    import quadsel.jobs.run_job as run_job
 
     c, workers = cluster
     assert ray.cluster_resources().get("CPU") == 2

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.ray_runtime import LocalPool, RayPool
+from quadsel.pipeline.ray_runtime import LocalPool, RayPool
 
 
 def _factory(delay: float = 0.0):

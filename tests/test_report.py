@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from jobs.report import SECTIONS, ReportError, build_report, write_report
-from jobs.report_data import InspectError
+from quadsel.jobs.cli import main
+from quadsel.jobs.report import SECTIONS, ReportError, build_report, write_report
+from quadsel.jobs.report_data import InspectError
 from test_inspect import shared_runs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -145,7 +145,7 @@ def test_report_in_headless_chromium(reports, runs):
 def test_rejects_summary_counts_reasons_files_and_examples(tmp_path):
     import json
 
-    from jobs.report_data import read_rejects
+    from quadsel.jobs.report_data import read_rejects
 
     lines = [{"file": "a.jsonl", "line": i, "reason": "malformed_json", "detail": "bad", "id": None} for i in range(5)]
     lines += [{"file": "b.jsonl", "line": 1, "reason": "duplicate_id", "detail": "seen", "id": "x"},

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import small_job
-from jobs.config import JobConfig
-from jobs.run_job import run_selection
-from pipeline.shards import data_files, read_manifest, verify
+from quadsel.jobs.config import JobConfig
+from quadsel.jobs.run_job import run_selection
+from quadsel.pipeline.shards import data_files, read_manifest, verify
 
 
 def _cfg(root: Path, **over) -> JobConfig:

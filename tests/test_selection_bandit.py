@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selection import (
+from quadsel.selection import (
     Budget,
     ClusterView,
     Probe,

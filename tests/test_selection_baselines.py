@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from selection import BaselineConfig, Budget, ClusterView, QuadConfig, make_selector, run_selector
+from quadsel.selection import BaselineConfig, Budget, ClusterView, QuadConfig, make_selector, run_selector
 
 
 class Pool:

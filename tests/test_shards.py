@@ -1,4 +1,4 @@
-"""pipeline.shards: round trips through `datasets`, manifest, determinism, crash safety."""
+"""quadsel.pipeline.shards: round trips through `datasets`, manifest, determinism, crash safety."""
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +22,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
-from pipeline.atomic import sha256_file
-from pipeline.shards import (
+from quadsel.pipeline import shards
+from quadsel.pipeline.atomic import sha256_file
+from quadsel.pipeline.shards import (
     ManifestError,
     SchemaMismatchError,
     ShardConfig,
@@ -304,7 +304,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_shards import make_table, SCHEMA
-    from pipeline.shards import ShardConfig, ShardWriter
+    from quadsel.pipeline.shards import ShardConfig, ShardWriter
     run, marker = sys.argv[1], sys.argv[2]
     table = make_table(200, tag="b")
     w = ShardWriter(run, ShardConfig(max_rows=25, max_bytes=None, batch_rows=5),

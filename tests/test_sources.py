@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from pipeline.sources import (
+from quadsel.pipeline.sources import (
     Example,
     RejectLog,
     SourceConfig,

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.sources import Example, SourceConfig, iter_batches
-from pipeline.store import INDEX, PoolStore, StoreError, expand_meta
+from quadsel.pipeline.sources import Example, SourceConfig, iter_batches
+from quadsel.pipeline.store import INDEX, PoolStore, StoreError, expand_meta
 
 
 def examples(n: int, start: int = 0) -> list[Example]:

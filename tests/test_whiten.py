@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.cluster import ClusterConfig, cluster_store
-from pipeline.embed import EmbedConfig, EmbeddingStore, WhitenConfig
-from pipeline.embed.store import write_index, write_vector_shard
-from pipeline.whiten import Whitener, fit_whitener, maybe_whiten, whiten_store
+from quadsel.pipeline.cluster import ClusterConfig, cluster_store
+from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, WhitenConfig
+from quadsel.pipeline.embed.store import write_index, write_vector_shard
+from quadsel.pipeline.whiten import Whitener, fit_whitener, maybe_whiten, whiten_store
 
 
 def correlated(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import stable_hash
-from pipeline.cluster import ClusterResult
-from pipeline.embed import sample_rows
-from pipeline.sources import RejectLog, SourceConfig, iter_batches
-from pipeline.stage import Stage
-from pipeline.store import PoolStore
+from quadsel.pipeline.atomic import stable_hash
+from quadsel.pipeline.cluster import ClusterResult
+from quadsel.pipeline.embed import sample_rows
+from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches
+from quadsel.pipeline.stage import Stage
+from quadsel.pipeline.store import PoolStore
 
 from .config import QualityConfig
 
@@ -52,8 +52,8 @@ class SeedModel:
 
 def prepare_pool(cfg: QualityConfig) -> PoolData:
     """Read, embed and cluster the pool exactly like ``quadsel run`` (cached in ``cache/pool``)."""
-    from jobs.config import JobConfig
-    from jobs.stages import RunContext, cluster_pool, embed_pool, read_sources
+    from quadsel.jobs.config import JobConfig
+    from quadsel.jobs.stages import RunContext, cluster_pool, embed_pool, read_sources
 
     if not cfg.pool_path.is_file():
         raise FileNotFoundError(f"pool not found: {cfg.pool_path} (set --data-dir)")
@@ -106,7 +106,7 @@ def proxy_seed(cfg: QualityConfig, seed: int) -> int:
 def _train_proxy(cfg: QualityConfig, pool: PoolData, seed: int, out: Path, save_checkpoints: int = 0) -> int:
     """``build_proxy_model`` with the benchmark's settings on the seeded pool sample (the rows
     ``jobs.models`` would use); returns how many rows it trained on."""
-    from influence import build_proxy_model
+    from quadsel.influence import build_proxy_model
 
     p = cfg.proxy
     rows = sample_rows(len(pool.store), p.train_sample, seed + 1)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_json, read_json, stable_hash
+from quadsel.pipeline.atomic import atomic_write_json, read_json, stable_hash
 
 from .config import METHODS, QualityConfig
 from .data import PoolData, SeedModel, encode, load_tokenizer, prepare_pool, prepare_seed_model, read_reference
@@ -169,7 +169,7 @@ def machine(cfg: QualityConfig) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.cluster import cpu_budget
+    from quadsel.pipeline.cluster import cpu_budget
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": cfg.device,
             "cpus": cpu_budget(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
-from pipeline.embed import sample_rows
+from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
+from quadsel.pipeline.embed import sample_rows
 
 from .config import QualityConfig
 from .data import PoolData, SeedModel, proxy_checkpoints
@@ -28,11 +28,11 @@ def make_fitted_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, nam
                        reference: list[str], seed: int):
     """The scorer as ``jobs.models.fit_scorer`` builds it: curvature on a seeded pool sample,
     the reference set collapsed to one vector per layer. Returns (scorer, seconds)."""
-    from influence import InfluenceModel, make_scorer
-    from influence.base import scorer_class
+    from quadsel.influence import InfluenceModel, make_scorer
+    from quadsel.influence.base import scorer_class
 
-    from jobs.config import ScorerConfig
-    from jobs.models import scorer_kwargs
+    from quadsel.jobs.config import ScorerConfig
+    from quadsel.jobs.models import scorer_kwargs
 
     t0 = time.monotonic()
     im = InfluenceModel.load(str(model.model_dir), max_length=cfg.proxy.max_length, device=cfg.device,

@@ -31,8 +31,8 @@ class SelectionRecord:
 
 def cluster_view(pool: PoolData, model: SeedModel, budget: int):
     """(ClusterView, QuadConfig) as jobs.run_job._selector_parts makes them for a token budget."""
-    from pipeline.cluster import neighbour_graph
-    from selection import Budget, ClusterView, QuadConfig
+    from quadsel.pipeline.cluster import neighbour_graph
+    from quadsel.selection import Budget, ClusterView, QuadConfig
 
     assignments, centroids = pool.clusters.assignments, pool.clusters.centroids
     b = Budget(unit="tokens", amount=int(budget))
@@ -49,7 +49,7 @@ def run_method(method: str, pool: PoolData, model: SeedModel, base_budget: int, 
                scores: ScoreCache | None, view_quad=None) -> SelectionRecord:
     """Select with ``method`` at its multiple of ``base_budget`` tokens; scores come from
     ``scores`` (a cache shared by the methods of one scorer)."""
-    from selection import Budget, make_selector, run_selector
+    from quadsel.selection import Budget, make_selector, run_selector
 
     selector_name, scorer_name, mult = METHODS[method]
     budget = base_budget * mult

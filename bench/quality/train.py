@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influence.proxy import lm_train_step
+from quadsel.influence.proxy import lm_train_step
 
 from .config import QualityConfig
 from .data import encode, load_tokenizer, read_texts

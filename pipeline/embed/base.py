@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..atomic import read_json
 
-logger = logging.getLogger("quadsel.embed")
+logger = logging.getLogger(__name__)
 
 META = "embedder.json"
 
@@ -140,10 +140,10 @@ class Embedder(ABC):
 # kind -> "module:Class", imported on first use (the model-based embedders live in
 # influence/, which pipeline/ must not depend on at import time)
 EMBEDDERS: dict[str, str] = {
-    "tfidf": "pipeline.embed.tfidf:TfidfEmbedder",
-    "hf": "pipeline.embed.hf:HFEmbedder",
-    "hidden": "influence.embedders:HiddenStateEmbedder",
-    "gradient": "influence.embedders:GradientEmbedder",
+    "tfidf": "quadsel.pipeline.embed.tfidf:TfidfEmbedder",
+    "hf": "quadsel.pipeline.embed.hf:HFEmbedder",
+    "hidden": "quadsel.influence.embedders:HiddenStateEmbedder",
+    "gradient": "quadsel.influence.embedders:GradientEmbedder",
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..atomic import atomic_write_json
 from .base import META, EmbedConfig, Embedder, l2_normalize
 
-logger = logging.getLogger("quadsel.embed")
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:

@@ -28,7 +28,7 @@ from ..atomic import atomic_path, atomic_write_json, read_json, remove_stale_tem
 from ..progress import Progress
 from .base import Embedder, sample_rows
 
-logger = logging.getLogger("quadsel.embed")
+logger = logging.getLogger(__name__)
 
 INDEX = "index.json"
 FORMAT = "quadsel-embeddings"

@@ -32,7 +32,7 @@ from ..atomic import atomic_path, atomic_write_json
 from ..progress import Progress
 from .base import META, EmbedConfig, Embedder, l2_normalize, sample_rows
 
-logger = logging.getLogger("quadsel.embed")
+logger = logging.getLogger(__name__)
 
 # a word (letters, digits, underscore) or any single character that is neither word nor space
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"

@@ -1,0 +1,84 @@
+"""One namespace: everything is imported as quadsel.*, and only `quadsel` is installed at the top level."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import quadsel
+
+REPO = Path(__file__).resolve().parents[1]
+BARE = {"pipeline", "influence", "selection", "jobs"}
+CODE_DIRS = ["quadsel", "pipeline", "influence", "selection", "jobs", "bench", "tests"]
+
+
+def _python_files():
+    for d in CODE_DIRS:
+        yield from sorted((REPO / d).rglob("*.py"))
+
+
+def test_no_module_imports_the_old_bare_names():
+    offenders = []
+    for path in _python_files():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # "module:Class" registries, imported by name at run time
+                m = re.fullmatch(r"([a-z_]\w*(?:\.\w+)+):\w+", node.value)
+                if m:
+                    names = [m.group(1)]
+            for name in names:
+                if name.split(".", 1)[0] in BARE:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
+    assert not offenders, "bare top-level imports (use quadsel.<package>):\n" + "\n".join(offenders)
+
+
+def test_version_and_cli_version():
+    assert quadsel.__version__ and quadsel.__version__ != "0+unknown"
+    out = subprocess.run([sys.executable, "-m", "quadsel", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"quadsel {quadsel.__version__}"
+
+
+def test_loggers_are_named_after_their_modules():
+    import logging
+
+    import quadsel.pipeline.cluster  # noqa: F401
+    import quadsel.influence.scorers  # noqa: F401
+
+    assert "quadsel.pipeline.cluster" in logging.root.manager.loggerDict
+    assert "quadsel.influence.scorers" in logging.root.manager.loggerDict
+
+
+def test_user_folder_named_like_a_subpackage_does_not_shadow(tmp_path):
+    """A user's own pipeline/ or jobs.py beside their script must not break the README's imports."""
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "shards.py").write_text("raise ImportError('the user module was imported')\n")
+    (tmp_path / "jobs.py").write_text("raise ImportError('the user module was imported')\n")
+    code = ("from quadsel.pipeline.shards import data_files, verify\n"
+            "from quadsel.jobs.cli import main\n"
+            "import pipeline, sys; assert pipeline.__file__.startswith(sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, check=True)
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("quadsel-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"quadsel"}, tops
+    for sub in ("pipeline/shards.py", "pipeline/embed/tfidf.py", "influence/scorers.py", "selection/bandit.py",
+                "jobs/cli.py", "__init__.py", "__main__.py"):
+        assert f"quadsel/{sub}" in names
