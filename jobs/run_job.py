@@ -20,7 +20,7 @@ from quadsel.pipeline import faults
 from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from quadsel.pipeline.lock import RunLock
 from quadsel.pipeline.progress import Progress, run_log
-from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify
+from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify, write_order
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore, expand_meta
 
@@ -114,6 +114,10 @@ def _write_selection(ctx: RunContext, pool: PoolStore, result, config_hash: str,
                      extra: dict[str, Any]) -> dict[str, Any]:
     cfg = ctx.cfg
     rows = np.asarray(result.rows, dtype=np.int64)
+    # a seeded shuffled order (not grouped by cluster), a function of the rows and the seed only
+    order = write_order(rows, cfg.seed) if cfg.output.shuffle else np.arange(len(rows))
+    rows = rows[order]
+    clusters, scores, rounds = (np.asarray(a)[order] for a in (result.cluster, result.score, result.round))
     meta = expand_meta(pool.take(rows, columns=["meta"]))
     id_name, text_name = cfg.pool.id_field or "id", cfg.pool.text_field
     meta = meta.drop_columns([c for c in meta.column_names if c in (id_name, text_name)])
@@ -126,10 +130,10 @@ def _write_selection(ctx: RunContext, pool: PoolStore, result, config_hash: str,
             part = pool.take(rows[a:a + chunk], columns=["id", "text"])
             cols = [part.column("id").cast(pa.string()), part.column("text").cast(pa.string())]
             cols += [meta.column(i).slice(a, len(part)) for i in range(meta.num_columns)]
-            score = np.asarray(result.score[a:a + chunk], dtype=np.float64)
-            cols += [pa.array(np.asarray(result.cluster[a:a + chunk], dtype=np.int32)),
+            score = np.asarray(scores[a:a + chunk], dtype=np.float64)
+            cols += [pa.array(np.asarray(clusters[a:a + chunk], dtype=np.int32)),
                      pa.array(score, mask=np.isnan(score)),
-                     pa.array(np.asarray(result.round[a:a + chunk], dtype=np.int32))]
+                     pa.array(np.asarray(rounds[a:a + chunk], dtype=np.int32))]
             writer.write(pa.Table.from_arrays(cols, schema=schema))
             prog.advance(len(part))
         manifest = writer.close()

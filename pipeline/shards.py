@@ -5,6 +5,13 @@ Layout of a run directory::
     RUN/manifest.json              the published manifest (shard paths relative to RUN)
     RUN/selection/part-00000.arrow shards of the current generation
     RUN/selection/manifest.json    a byte-identical copy of the manifest, inside the generation
+    RUN/README.md                  a dataset card whose YAML ``configs:`` point ``data_files`` at
+                                   the shards, so ``datasets.load_dataset(RUN)`` is the selection
+
+Row order: ``write_order`` gives the seeded shuffled order the job writes rows in (so a trainer
+reading the shards front to back does not see them grouped by cluster); it is a pure function of
+the rows' pool positions and the seed (a splitmix64 hash, no library RNG), so the same config and
+seed give the same order on every machine and numpy version.
 
 Determinism: the manifest holds no timestamps or hostnames, JSON is canonical and shard
 boundaries, record batches and row groups depend only on the rows written (and the caps), so
@@ -44,7 +51,14 @@ killed at any point leaves one of these states, each mapped back to a valid one:
   its manifest is published (roll forward when step 4 completed, roll back otherwise); else a
   withdrawn ``.manifest.json.old-*`` that verifies is restored.
 - leftovers (``.selection.tmp-*``, ``.selection.old-*``, ``.manifest.json.old-*``,
-  ``.tmp-manifest.json.*``) are deleted.
+  ``.tmp-manifest.json.*``, ``.tmp-README.md.*``) are deleted.
+- a dataset card that is missing or stale (another format) is rewritten.
+
+The dataset card depends only on the format and the shard folder (its ``data_files`` is the glob
+``selection/part-*.<ext>``, which matches exactly the shards of the live generation), so it is
+written once and changes only with ``output.format``; it is replaced (atomically) right after the
+manifest is published. It is derived data: a failure to write it is logged, not raised, and the
+next writer (or ``recover``) writes it.
 
 Readers (``read_manifest``, ``verify``, ``data_files``) never modify a run directory.
 """
@@ -60,6 +74,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -73,6 +88,7 @@ from .atomic import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_text,
     canonical_json,
     fsync_dir,
     remove_stale_temps,
@@ -89,6 +105,8 @@ QUADSEL_COLUMNS: tuple[pa.Field, ...] = (
 )
 _BATCH_BYTES = 64 * 2**20  # a record batch / row group never buffers more than this
 _EXT = {"arrow": "arrow", "parquet": "parquet"}
+CARD_NAME = "README.md"
+_ORDER_SALT = 0x71756164_73687566  # "quadshuf": the write order's stream, apart from other seeds
 
 
 class ManifestError(RuntimeError):
@@ -112,6 +130,28 @@ class ShardConfig(BaseModel):
                     "larger row goes alone into its own shard")
     compression: Literal["none", "zstd", "lz4"] = "none"
     batch_rows: int = Field(65_536, gt=0, description="rows per record batch / row group")
+    shuffle: bool = Field(
+        True, description="write the rows in a seeded shuffled order (seed = the run's seed); "
+                          "false keeps the selector's order (grouped by cluster)")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def write_order(keys: np.ndarray | list[int], seed: int) -> np.ndarray:
+    """A seeded pseudo-random permutation of ``range(len(keys))``: positions sorted by a hash of
+    (key, seed). ``keys`` are the rows' pool positions; the order depends only on them and the
+    seed (not on numpy's RNG streams), ties (repeated keys) keep their given order."""
+    k = np.asarray(keys, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        s = _splitmix64(np.array([int(seed) ^ _ORDER_SALT], dtype=np.uint64))
+        h = _splitmix64(k ^ s[0])
+    return np.lexsort((np.arange(len(k)), h))
 
 
 def selection_schema(original: pa.Schema) -> pa.Schema:
@@ -275,6 +315,50 @@ def _ok(mpath: Path, root: Path | None = None, *, full: bool = True) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- the dataset card
+
+def dataset_card(fmt: str, subdir: str = "selection") -> str:
+    """``RUN/README.md``: a Hugging Face dataset card whose ``configs:`` make
+    ``datasets.load_dataset(RUN, split="train")`` read exactly the selection's shards."""
+    pattern = f"{subdir}/part-*.{_EXT[fmt]}"
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {pattern}
+---
+# quadsel selection
+
+The rows a quadsel run selected ({fmt} shards `{pattern}`, in the
+seeded shuffled order they were written in). `manifest.json` lists every shard with its row
+count, size and sha256. Each row keeps the pool's columns and adds `quadsel_cluster` (the
+cluster it came from), `quadsel_score` (its influence score; null when it was taken with its
+cluster unscored) and `quadsel_round` (the bandit round that took it; -1 = fill).
+
+```python
+from datasets import load_dataset
+ds = load_dataset("path/to/run_dir", split="train")
+```
+
+The other files of the run directory (clusters, bandit state, stages) are not part of the
+dataset.
+"""
+
+
+def _write_card(run: Path, subdir: str, fmt: str) -> bool:
+    """Write ``RUN/README.md`` for ``fmt`` unless it is already there; never raises."""
+    path, text = run / CARD_NAME, dataset_card(fmt, subdir)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return False
+        atomic_write_text(path, text)
+        return True
+    except OSError as exc:  # derived data: the next writer or recover() writes it
+        logger.warning("could not write the dataset card %s: %s", path, exc)
+        return False
+
+
 # ---------------------------------------------------------------- repair
 
 class _Lock:
@@ -331,6 +415,8 @@ def _recover_locked(run: Path, subdir: str, manifest_name: str) -> str:
                     actions.append("invalid")
     stale_dirs = list(run.glob(f".{subdir}.tmp-*"))
     stale_files = list(run.glob(f"{TMP_PREFIX}{manifest_name}.*"))
+    if manifest_name == "manifest.json":
+        stale_files += run.glob(f"{TMP_PREFIX}{CARD_NAME}.*")
     if live.is_dir():  # never delete the last copy of a generation while nothing is live
         stale_dirs += run.glob(f".{subdir}.old-*")
         stale_files += run.glob(f".{manifest_name}.old-*")
@@ -340,6 +426,9 @@ def _recover_locked(run: Path, subdir: str, manifest_name: str) -> str:
     for stale in stale_files:
         with contextlib.suppress(OSError):
             stale.unlink()
+    if manifest_name == "manifest.json" and mpath.is_file():
+        with contextlib.suppress(ManifestError, OSError, ValueError, KeyError):
+            _write_card(run, subdir, _load(mpath)["format"])
     if actions:
         logger.warning("repaired %s after an interrupted write: %s", run, "; ".join(actions))
     return "; ".join(actions) or "ok"
@@ -628,6 +717,8 @@ class ShardWriter:
         except BaseException:
             self._rollback(done, live, old, mpath, withdrawn)
             raise
+        if self.manifest_name == "manifest.json":       # the dataset card, if it changed
+            _write_card(run, self.subdir, self.cfg.format)
         shutil.rmtree(old, ignore_errors=True)          # step 6
         with contextlib.suppress(OSError):
             withdrawn.unlink()

@@ -547,3 +547,65 @@ def test_recover_publishes_or_rolls_back(tmp_path):
     assert (tmp_path / "manifest.json").read_bytes() == published
     verify(tmp_path)
     assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ write order and dataset card
+
+def test_write_order_is_a_seeded_permutation():
+    import numpy as np
+
+    from quadsel.pipeline.shards import write_order
+
+    keys = np.arange(1000, dtype=np.int64) * 3 + 11  # pool positions of a selection
+    a = write_order(keys, 0)
+    assert sorted(a.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(a, write_order(keys, 0))  # deterministic
+    np.testing.assert_array_equal(a, write_order(list(keys), 0))
+    assert not np.array_equal(a, write_order(keys, 1))  # the seed matters
+    assert not np.array_equal(a, np.arange(1000))  # and it is shuffled
+    # a function of each row's key: the relative order of two rows never depends on the others
+    sub = keys[::7]
+    pos = {int(k): i for i, k in enumerate(keys[a])}
+    assert [pos[int(k)] for k in sub[write_order(sub, 0)]] == sorted(pos[int(k)] for k in sub)
+    # known values pin the hash (no numpy RNG stream involved: the same on every version)
+    assert write_order([5, 3, 9, 1, 0], 0).tolist() == [1, 2, 4, 0, 3]
+    assert write_order([], 0).tolist() == []
+    assert ShardConfig().shuffle is True
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+def test_load_dataset_on_the_run_dir_is_the_selection(tmp_path, fmt):
+    run = tmp_path / "run"
+    table = make_table(230)
+    write_selection(run, table, ShardConfig(format=fmt, max_rows=20))  # 12 shards: order matters
+    # the run directory's other parquet / arrow files, which load_dataset(run) must not read
+    (run / "clusters").mkdir()
+    pq.write_table(pa.table({"cluster": [0, 1], "size": [3, 4]}), run / "clusters" / "summary.parquet")
+    (run / "bandit").mkdir()
+    pq.write_table(pa.table({"row": [1]}), run / "bandit" / "probes.parquet")
+    (run / "stages" / "sources").mkdir(parents=True)
+    with ipc.new_file(str(run / "stages" / "sources" / "part-00000.arrow"), pa.schema([("x", pa.int8())])) as w:
+        w.write_table(pa.table({"x": pa.array([1], pa.int8())}))
+    card = (run / "README.md").read_text()
+    assert card.startswith("---\nconfigs:\n") and f"path: selection/part-*.{fmt}" in card
+    ds = datasets.load_dataset(str(run), split="train", cache_dir=str(tmp_path / "c"))
+    assert ds.to_list() == table.to_pylist()
+    assert list(datasets.load_dataset(str(run), split="train", streaming=True)) == table.to_pylist()
+
+
+def test_dataset_card_follows_the_format_and_is_repaired(tmp_path):
+    run = tmp_path / "run"
+    write_selection(run, make_table(50), ShardConfig(max_rows=20))
+    card = run / "README.md"
+    assert card.read_text() == shards.dataset_card("arrow")
+    write_selection(run, make_table(50), ShardConfig(format="parquet", max_rows=20))
+    assert card.read_text() == shards.dataset_card("parquet")
+    card.unlink()  # killed between publishing the manifest and writing the card
+    (run / ".tmp-README.md.xyz").write_text("half")  # or while writing it
+    assert recover(run) == "ok"  # the manifest was fine; the card is derived data
+    assert card.read_text() == shards.dataset_card("parquet") and not leftovers(run)
+    # another manifest name in the same run dir leaves the card alone
+    with ShardWriter(run, ShardConfig(), schema=SCHEMA, seed=0, config_hash="x", subdir="other",
+                     manifest_name="other.json") as w:
+        w.write(make_table(5))
+    assert card.read_text() == shards.dataset_card("parquet")
