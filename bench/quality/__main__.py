@@ -11,7 +11,9 @@ from .config import DEFAULT_CACHE, DEFAULT_DATA, METHODS, PRESETS, REPO, make_co
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
-    ap.add_argument("--target", default="gsm8k", help="a target name under DATA/targets, or 'all'")
+    ap.add_argument("--target", default="gsm8k",
+                    help="a target name under DATA/targets, its leave-domain-out variant NAME-ood (the pool "
+                         "without the target's domain), comma-separated names, or 'all' (every target and -ood)")
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1)")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(args.data_dir)
     probe = make_config(args.preset, data_dir=str(data_dir))
-    targets = probe.all_targets() if args.target == "all" else [args.target]
+    targets = probe.all_variants() if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
     if not targets:
         ap.error(f"no targets under {data_dir / 'targets'}")
     over: dict = {"data_dir": str(data_dir), "cache_dir": args.cache_dir, "targets": targets,
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if args.report_only:
-        summaries = {t: s for t, s in load_summaries(cfg).items() if t in targets}
+        summaries = {t: s for t, s in load_summaries(cfg).items() if t in targets and "evaluators" in s}
         if not summaries:
             print("no saved results for this configuration; run without --report-only first", file=sys.stderr)
             return 1

@@ -27,9 +27,12 @@ METHODS: dict[str, tuple[str, str | None, int]] = {
     "quad-gradcos": ("quad", "grad-cos", 1),
     "random-2x": ("random", None, 2),
     "random-4x": ("random", None, 4),
+    # DSIR (Xie et al. 2023) with the official `data-selection` package's HashedNgramDSIR
+    "dsir": ("dsir", None, 1),
     "reference": ("reference", None, 0),
 }
-DEFAULT_METHODS = list(METHODS)
+# the protocol's methods; quad-gradcos and reference are opt-in (--methods)
+DEFAULT_METHODS = ["random", "random-2x", "random-4x", "topk-ekfac", "cluster-topk-ekfac", "quad-ekfac", "dsir"]
 # the other scorers (issue 8), each as quad's scorer and as a topk baseline; opt-in (--methods)
 OTHER_SCORERS = ("attention", "datainf", "el2n", "vog", "predictor")
 for _name in OTHER_SCORERS:
@@ -39,6 +42,22 @@ for _name in OTHER_SCORERS:
 # the pool domain each target's text comes from (measurement only: a selector never sees it)
 TARGET_DOMAIN = {"wikitext": "wiki", "gsm8k": "math", "linux": "c_code"}
 NOISE_DOMAINS = ("spam", "garbage", "duplicate")
+OOD_SUFFIX = "-ood"  # leave-domain-out: linux-ood = linux's reference / eval, pool without c_code
+
+
+def base_target(name: str) -> str:
+    """The target whose reference / eval files a (possibly leave-domain-out) target uses."""
+    return name[: -len(OOD_SUFFIX)] if name.endswith(OOD_SUFFIX) else name
+
+
+def excluded_domain(name: str) -> str | None:
+    """The pool domain a leave-domain-out target is run without (None: the full pool)."""
+    if not name.endswith(OOD_SUFFIX):
+        return None
+    base = base_target(name)
+    if base not in TARGET_DOMAIN:
+        raise ValueError(f"target {name!r}: no pool domain known for {base!r} (config.TARGET_DOMAIN)")
+    return TARGET_DOMAIN[base]
 
 
 class _Strict(BaseModel):
@@ -86,6 +105,19 @@ class LMSettings(_Strict):
     weight_decay: float = Field(0.01, ge=0)
 
 
+class NgramSettings(_Strict):
+    """The second, training-free evaluator (bench.quality.ngram): a byte-level n-gram LM."""
+
+    enabled: bool = True
+    order: int = Field(5, ge=1, le=7)
+
+
+class DsirSettings(_Strict):
+    """DSIR through the `data-selection` package: its HashedNgramDSIR defaults, on CPU."""
+
+    num_proc: int = Field(1, gt=0, description="processes for featurising (joblib)")
+
+
 class EvalSettings(_Strict):
     max_bytes_per_target: int | None = Field(
         None, gt=0, description="a fixed, seeded subset of each eval set's documents up to this "
@@ -106,6 +138,8 @@ class QualityConfig(_Strict):
     scorer: ScorerSettings = ScorerSettings()
     lm: LMSettings = LMSettings()
     eval: EvalSettings = EvalSettings()
+    ngram: NgramSettings = NgramSettings()
+    dsir: DsirSettings = DsirSettings()
     cache_dir: str = str(DEFAULT_CACHE)
     device: str = "cpu"
     threads: int | None = Field(None, gt=0, description="torch threads (None: leave as is)")
@@ -122,6 +156,8 @@ class QualityConfig(_Strict):
             raise ValueError("seeds: at least 2 distinct seeds are needed for an interval")
         if not self.targets:
             raise ValueError("targets: give at least one target")
+        for t in self.targets:
+            excluded_domain(t)  # raises for an -ood variant without a known domain
         return self
 
     @property
@@ -135,6 +171,11 @@ class QualityConfig(_Strict):
         """Every target under ``data_dir/targets`` (the broad-mix evaluation uses them all)."""
         root = Path(self.data_dir) / "targets"
         return sorted(p.name for p in root.iterdir() if (p / "eval.jsonl").is_file()) if root.is_dir() else []
+
+    def all_variants(self) -> list[str]:
+        """Every target and, where its pool domain is known, its leave-domain-out variant."""
+        base = self.all_targets()
+        return base + [t + OOD_SUFFIX for t in base if t in TARGET_DOMAIN]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -7,6 +7,7 @@ under the benchmark's cache folder. ``eval.jsonl`` is NOT read here: only
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from quadsel.pipeline.atomic import stable_hash
+from quadsel.pipeline.atomic import atomic_write_bytes, stable_hash
 from quadsel.pipeline.cluster import ClusterResult
 from quadsel.pipeline.embed import sample_rows
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
 
-from .config import QualityConfig
+from .config import QualityConfig, base_target
 
 logger = logging.getLogger("quadsel.bench.quality")
 
@@ -34,6 +35,8 @@ class PoolData:
     key: str  # cache key of the pool's sources stage
     domains: np.ndarray  # str per row, MEASUREMENT ONLY (never handed to a selector)
     timings: dict[str, float] = field(default_factory=dict)
+    excluded_domain: str | None = None  # leave-domain-out: the domain this pool was built without
+    path: Path | None = None  # the pool file read
 
 
 @dataclass
@@ -50,16 +53,51 @@ class SeedModel:
     seconds: float
 
 
-def prepare_pool(cfg: QualityConfig) -> PoolData:
-    """Read, embed and cluster the pool exactly like ``quadsel run`` (cached in ``cache/pool``)."""
+def pool_file(cfg: QualityConfig, exclude_domain: str | None = None) -> Path:
+    """The pool file a run reads: ``pool.jsonl``, or (leave-domain-out) a copy of it without the
+    rows whose ``domain`` is ``exclude_domain``, named by the hash of its content so that every
+    stage built on it (embedding, clusters, proxy, tokens, scores) is keyed by that content.
+    The bench reads ``domain`` here to BUILD the pool; no selector ever sees it."""
+    if not cfg.pool_path.is_file():
+        raise FileNotFoundError(f"pool not found: {cfg.pool_path} (set --data-dir)")
+    if exclude_domain is None:
+        return cfg.pool_path
+    kept: list[bytes] = []
+    dropped = 0
+    with open(cfg.pool_path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                dom = json.loads(line).get("domain")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg.pool_path}:{n}: not valid JSON ({e})") from None
+            if dom == exclude_domain:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if not dropped:
+        raise ValueError(f"leave-domain-out: no pool row has domain {exclude_domain!r} ({cfg.pool_path})")
+    body = b"".join(kept)
+    digest = hashlib.sha256(body).hexdigest()[:16]
+    path = Path(cfg.cache_dir) / "pools" / f"pool-no-{exclude_domain}-{digest}.jsonl"
+    if not path.is_file():  # written once: its mtime is part of the sources stage's key
+        logger.info("leave-domain-out pool without %r: %d rows kept, %d dropped -> %s",
+                    exclude_domain, len(kept), dropped, path)
+        atomic_write_bytes(path, body)
+    return path
+
+
+def prepare_pool(cfg: QualityConfig, exclude_domain: str | None = None) -> PoolData:
+    """Read, embed and cluster the pool exactly like ``quadsel run`` (cached in ``cache/pool``;
+    a leave-domain-out pool in ``cache/pool-no-<domain>``, with the same embedding and k)."""
     from quadsel.jobs.config import JobConfig
     from quadsel.jobs.stages import RunContext, cluster_pool, embed_pool, read_sources
 
-    if not cfg.pool_path.is_file():
-        raise FileNotFoundError(f"pool not found: {cfg.pool_path} (set --data-dir)")
+    path = pool_file(cfg, exclude_domain)
     job = JobConfig.model_validate({
-        "run_dir": str(Path(cfg.cache_dir) / "pool"),
-        "pool": {"path": str(cfg.pool_path)},
+        "run_dir": str(Path(cfg.cache_dir) / ("pool" if exclude_domain is None else f"pool-no-{exclude_domain}")),
+        "pool": {"path": str(path)},
         "embed": {"kind": "tfidf", "dim": cfg.embed_dim, "fit_sample": cfg.embed_fit_sample},
         "cluster": {"k": cfg.cluster_k},
     })
@@ -69,7 +107,7 @@ def prepare_pool(cfg: QualityConfig) -> PoolData:
     clusters = cluster_pool(ctx, emb)
     domains = _domains(store)
     return PoolData(store=store, clusters=clusters, key=ctx.keys["sources"], domains=domains,
-                    timings=dict(ctx.timings))
+                    timings=dict(ctx.timings), excluded_domain=exclude_domain, path=path)
 
 
 def _domains(store: PoolStore) -> np.ndarray:
@@ -95,8 +133,8 @@ def read_texts(path: Path) -> list[str]:
 
 
 def read_reference(cfg: QualityConfig, target: str) -> list[str]:
-    """The reference split a selector may see (never the eval split)."""
-    return read_texts(cfg.target_dir(target) / "reference.jsonl")
+    """The reference split a selector may see (never the eval split); ``linux-ood`` reads linux's."""
+    return read_texts(cfg.target_dir(base_target(target)) / "reference.jsonl")
 
 
 def proxy_seed(cfg: QualityConfig, seed: int) -> int:
