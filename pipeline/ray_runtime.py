@@ -19,12 +19,23 @@ answered an ``info()`` call since they last failed): an actor being restarted, o
 replacement that cannot be scheduled, gets no work and the others go on; an actor that is dead
 for good is replaced (at most ``max_replacements`` times). With no actor up and nothing in
 flight the pool waits ``start_timeout`` seconds for one, then raises ``WorkerPoolError``.
+
+Which cluster (``resolve_address``): an explicit address wins (``HOST:PORT``, ``auto``,
+``ray://HOST:PORT``, or ``local`` for a fresh local instance); without one, ``RAY_ADDRESS`` is
+used when set (``ray job submit`` sets it for the job's driver, so a submitted job runs on that
+cluster instead of starting a nested one); with neither, a fresh local instance is started
+(never whatever cluster ``ray start`` left on this machine). ``connect`` checks a remote address
+before ``ray.init``: a TCP connect with a timeout, then one HTTP/2 handshake (the GCS speaks
+gRPC), so a cluster that is not there fails in seconds with ``RayConnectError`` (one line: the
+address and the reason) instead of Ray retrying for minutes; Ray's own errors while connecting
+(authentication, version mismatch) become ``RayConnectError`` too.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Protocol, Sequence
+import socket
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -37,6 +48,109 @@ class ScoreFn(Protocol):
 
 class WorkerPoolError(RuntimeError):
     pass
+
+
+class RayConnectError(WorkerPoolError):
+    """The Ray cluster an address names cannot be reached or refused the connection."""
+
+
+LOCAL = "local"
+CONNECT_TIMEOUT_S = 5.0
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + SETTINGS
+
+
+def resolve_address(address: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The cluster to use: ``address`` if given, else ``$RAY_ADDRESS`` if set, else ``"local"``."""
+    if address is not None and str(address).strip():
+        return str(address).strip()
+    env_addr = (os.environ if env is None else env).get("RAY_ADDRESS", "").strip()
+    return env_addr or LOCAL
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):  # [v6]:port
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectError(f"cannot connect to the Ray cluster at {address!r}: expected HOST:PORT "
+                              "(e.g. 10.0.0.5:6379), ray://HOST:PORT, auto or local")
+    return host, int(port)
+
+
+def _resolve_auto(address: str) -> str:
+    """``auto``: the cluster ``$RAY_ADDRESS`` or the last ``ray start`` on this machine names."""
+    try:
+        from ray._private import services
+
+        return services.canonicalize_bootstrap_address_or_die(address)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError (none found) or others
+        raise RayConnectError(f"cannot connect to the Ray cluster at 'auto': {_one_line(e)}") from None
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ``RayConnectError`` unless ``HOST:PORT`` accepts a TCP connection and answers an
+    HTTP/2 handshake (the GCS and the Ray client server are gRPC servers) within ``timeout``."""
+    host, port = _host_port(address)
+    where = f"cannot reach the Ray cluster at {address}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise RayConnectError(f"{where}: no answer from {host}:{port} within {timeout:g}s "
+                              "(wrong host, or a firewall)") from None
+    except OSError as e:
+        reason = e.strerror or _one_line(e)
+        raise RayConnectError(f"{where}: {reason} ({host}:{port}); is the head node up "
+                              "(`ray start --head`) and is this its GCS port (6379 by default)?") from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS handshake comes first: the TCP check is what we can do without certificates
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            head = sock.recv(9)
+        except OSError as e:
+            raise RayConnectError(f"{where}: {host}:{port} accepted the connection but did not answer "
+                                  f"({_one_line(e)} within {timeout:g}s); is it a Ray GCS port?") from None
+        if len(head) < 9 or head[3] != 4:  # an HTTP/2 SETTINGS frame
+            raise RayConnectError(f"{where}: {host}:{port} is not a Ray GCS (no gRPC/HTTP2 reply)")
+
+
+def connect(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT_S,
+            init_kwargs: dict[str, Any] | None = None) -> str:
+    """Connect this process to the cluster ``resolve_address(address)`` names (or start a local
+    one); return the address used. A remote address is checked first (``check_reachable``), and
+    any error while connecting is a one-line ``RayConnectError``. A no-op if Ray is initialised."""
+    import ray
+
+    target = resolve_address(address)
+    if ray.is_initialized():
+        return target
+    if target != LOCAL:
+        check_reachable(_resolve_auto(target) if target == "auto" else target, timeout)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "ignore_reinit_error": True}
+    if target == LOCAL:
+        kwargs["include_dashboard"] = False
+    kwargs.update(init_kwargs or {})
+    try:
+        ray.init(address=target, **kwargs)
+    except Exception as e:  # noqa: BLE001 - authentication, version mismatch, bad arguments...
+        hint = ""
+        if isinstance(e, ConnectionError) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication (Ray's default for the clusters it "
+                    "starts), set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        raise RayConnectError(f"cannot connect to the Ray cluster at {target}: {type(e).__name__}: "
+                              f"{_one_line(e)}{hint}") from None
+    logger.info("ray: connected to %s", "a fresh local instance" if target == LOCAL else target)
+    return target
 
 
 def _set_threads(n: int | None) -> None:
@@ -124,10 +238,9 @@ class RayPool:
 
         self._ray = ray
         if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
-            kwargs.update(init_kwargs or {})
-            # no address: always a fresh local instance, never whatever cluster happens to run here
-            ray.init(address=address or "local", **kwargs)
+            # explicit address > $RAY_ADDRESS (ray job submit) > a fresh local instance, never
+            # whatever cluster happens to run on this machine
+            address = connect(address, init_kwargs=init_kwargs)
             self._owns_ray = True
         else:
             self._owns_ray = False
@@ -155,7 +268,7 @@ class RayPool:
         for i in range(num_actors):
             self._probe(i)
         logger.info("ray: %d scoring actors (%s CPU, %s GPU each) on %s", num_actors, num_cpus, num_gpus,
-                    address or "a local cluster")
+                    address or "the connected cluster")
 
     def _new_actor(self):
         return self._remote_cls.options(**self._options).remote(self._factory, self._threads)
