@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="sources -> embed -> cluster -> fit scorer -> bandit -> shards. Finished "
                                    "stages are cached; a killed run resumes from its last bandit round.")
     _add_config(p)
-    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or HOST:PORT); "
-                                     "default: start Ray locally")
+    p.add_argument("--address", help="join an existing Ray cluster first (HOST:PORT, auto, ray://HOST:PORT; "
+                                     "local = a fresh local instance); default: $RAY_ADDRESS when set "
+                                     "(ray job submit sets it), else start Ray locally")
     p.add_argument("--no-ray", action="store_true", help="score in-process instead of on Ray actors")
     _add_common(p)
 
@@ -118,11 +119,13 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def _run_and_show(args, job) -> int:
+def _run_and_show(args, job, before=None) -> int:
     """Run ``job(cfg)``, show the clusters (unless quiet) and print the summary as JSON."""
     from .inspect import inspect_clusters
 
     cfg = _load(args)
+    if before is not None:
+        before(cfg)
     summary = job(cfg)
     if not args.quiet:
         inspect_clusters(cfg.run_dir, top=15)
@@ -143,7 +146,26 @@ def cmd_run(args) -> int:
         args.overrides.append(f"ray.address={args.address}")
     if args.no_ray:
         args.overrides.append("ray.enabled=false")
-    return _run_and_show(args, run_selection)
+    connected = []
+    try:
+        return _run_and_show(args, run_selection, before=lambda cfg: connected.append(_connect_ray(cfg)))
+    finally:
+        if any(connected):
+            import ray
+
+            ray.shutdown()
+
+
+def _connect_ray(cfg) -> bool:
+    """Join the Ray cluster first, before any work: a wrong ``--address`` (or ``ray.address``,
+    or ``$RAY_ADDRESS`` inside ``ray job submit``) fails in seconds, not after the embedding.
+    No address: nothing here, the run starts a local instance when it needs one."""
+    from quadsel.pipeline.ray_runtime import LOCAL, connect, resolve_address
+
+    if not cfg.ray.enabled or resolve_address(cfg.ray.address) == LOCAL:
+        return False
+    connect(cfg.ray.address)
+    return True
 
 
 def cmd_demo(args) -> int:
