@@ -52,29 +52,99 @@ def test_two_ranks_two_workers_read_every_row_once(tmp_path, n_shards, fmt):
     rows = write_run(tmp_path, n_shards, fmt)
     seen = []
     for rank in range(2):
-        got = consume(tmp_path, rank, 2, num_workers=2)
+        got = consume(tmp_path, rank, 2, num_workers=2, remainder="none", block_rows=16)
         assert got, f"rank {rank} got nothing"
         seen += got
     assert Counter(seen) == Counter(r["id"] for r in rows)
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_equal_rows_per_rank_drop_and_pad(tmp_path, fmt, shuffle, world):
+    rows = write_run(tmp_path, 3, fmt)  # 103 rows: a remainder for 2, 3 and 4 ranks
+    ids = [r["id"] for r in rows]
+    for remainder in ("drop", "pad"):
+        per_rank = {}
+        for rank in range(world):
+            per_rank[rank] = consume(tmp_path, rank, world, num_workers=2 if rank == 0 else 0,
+                                     remainder=remainder, shuffle=shuffle, seed=5, block_rows=10,
+                                     shuffle_buffer=16)
+        counts = {len(v) for v in per_rank.values()}
+        every = Counter(i for v in per_rank.values() for i in v)
+        if remainder == "drop":
+            assert counts == {N_ROWS // world}  # equal steps on every rank
+            assert set(every.values()) == {1} and len(every) == N_ROWS - N_ROWS % world
+        else:
+            assert counts == {math.ceil(N_ROWS / world)}
+            assert set(every) == set(ids)  # nothing dropped
+            assert sum(every.values()) - N_ROWS == world * math.ceil(N_ROWS / world) - N_ROWS
+        ds = ShardIterableDataset(tmp_path, rank=0, world_size=world, remainder=remainder)
+        assert ds.rows_per_rank() == counts.pop()
+
+
 def test_shuffled_epochs_cover_everything_in_a_new_order(tmp_path):
     rows = write_run(tmp_path, 8)
-    ds = ShardIterableDataset(tmp_path, shuffle=True, seed=3, columns="id")
+    ds = ShardIterableDataset(tmp_path, shuffle=True, seed=3, columns="id", block_rows=4)
     ds.set_epoch(0)
     e0 = list(ds)
-    again = ShardIterableDataset(tmp_path, shuffle=True, seed=3, columns="id")
-    assert list(again) == e0  # same seed and epoch: same order on every consumer
+    again = ShardIterableDataset(tmp_path, shuffle=True, seed=3, columns="id", block_rows=4)
+    assert list(again) == e0  # same seed and epoch: the same order
     ds.set_epoch(1)
     e1 = list(ds)
     assert sorted(e0) == sorted(e1) == sorted(r["id"] for r in rows)
     assert e0 != e1
     ids = []  # shuffled and split: still every row exactly once
     for rank in range(2):
-        part = ShardIterableDataset(tmp_path, rank=rank, world_size=2, shuffle=True, seed=3)
+        part = ShardIterableDataset(tmp_path, rank=rank, world_size=2, shuffle=True, seed=3,
+                                    remainder="none")
         part.set_epoch(1)
         ids += [r["id"] for r in DataLoader(part, batch_size=None, num_workers=2)]
     assert Counter(ids) == Counter(r["id"] for r in rows)
+
+
+def test_one_shard_is_shuffled_row_by_row_every_epoch(tmp_path):
+    """A selection under max_rows is one shard: rows (not only shards) must move each epoch."""
+    rows = write_run(tmp_path, 1, n=500)
+    stored = [r["id"] for r in rows]
+    ds = ShardIterableDataset(tmp_path, columns="id", shuffle=True, seed=0)  # default buffer, blocks
+    epochs = []
+    for e in range(3):
+        ds.set_epoch(e)
+        epochs.append(list(ds))
+    for got in epochs:
+        assert sorted(got) == sorted(stored) and got != stored
+        moved = sum(a != b for a, b in zip(got, stored))
+        assert moved > 450  # row-level, not a rotation of a few blocks
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    ds.set_epoch(1)
+    assert list(ds) == epochs[1]  # deterministic per (seed, epoch)
+    unshuffled = ShardIterableDataset(tmp_path, columns="id")
+    assert list(unshuffled) == stored
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_set_epoch_reaches_persistent_workers(tmp_path, context):
+    write_run(tmp_path, 2, n=200)
+    ds = ShardIterableDataset(tmp_path, columns="id", shuffle=True, seed=1, block_rows=8,
+                              shuffle_buffer=32)
+    workers = 2 if context is None else 1
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True,
+                        multiprocessing_context=context)
+    seen = []
+    for e in range(3):
+        ds.set_epoch(e)
+        got = list(loader)
+        # what a fresh loader (new workers) gives for that epoch: the persistent ones saw it too
+        fresh = ShardIterableDataset(tmp_path, columns="id", shuffle=True, seed=1, block_rows=8,
+                                     shuffle_buffer=32)
+        fresh.set_epoch(e)
+        assert got == list(DataLoader(fresh, batch_size=None, num_workers=workers,
+                                      multiprocessing_context=context))
+        seen.append(got)
+    assert sorted(seen[0]) == sorted(seen[1]) == sorted(seen[2])
+    assert seen[0] != seen[1] != seen[2]
+    assert loader._iterator is not None and loader._iterator._persistent_workers
 
 
 def test_rank_rows_do_not_depend_on_worker_count(tmp_path):
@@ -82,7 +152,18 @@ def test_rank_rows_do_not_depend_on_worker_count(tmp_path):
     for rank in range(2):
         one = consume(tmp_path, rank, 2, num_workers=0)
         two = consume(tmp_path, rank, 2, num_workers=2)
+        three = consume(tmp_path, rank, 2, num_workers=1, shuffle=True, seed=2)
         assert sorted(one) == sorted(two)
+        assert len(three) == len(one)
+
+
+def test_bad_options(tmp_path):
+    write_run(tmp_path, 1, n=3)
+    with pytest.raises(ValueError, match="remainder"):
+        ShardIterableDataset(tmp_path, remainder="wrap")
+    with pytest.raises(ValueError, match="fewer than world_size"):
+        ShardIterableDataset(tmp_path, rank=0, world_size=4)
+    assert len(list(ShardIterableDataset(tmp_path, rank=3, world_size=4, remainder="pad"))) == 1
 
 
 def test_columns_and_distributed_detection(tmp_path, monkeypatch):
@@ -100,9 +181,9 @@ def test_columns_and_distributed_detection(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
     ds = ShardIterableDataset(tmp_path, columns="id")
     assert (ds.rank, ds.world_size) == (1, 2)
-    assert list(ds) == [r["id"] for r in rows[35:70]]  # shards 0, 1, 2: rank 1 reads shard 1
+    assert list(ds) == [r["id"] for r in rows[51:102]]  # the second half; row 102 is dropped
     explicit = ShardIterableDataset(tmp_path, columns="id", rank=0, world_size=2)
-    assert sorted(list(ds) + list(explicit)) == sorted(r["id"] for r in rows)
+    assert sorted(list(ds) + list(explicit)) == sorted(r["id"] for r in rows[:102])
 
 
 def test_load_selection(tmp_path):
