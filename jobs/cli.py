@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write it (default: RUN_DIR/report.html)")
     _add_common(p)
 
-    p = sub.add_parser("config", help="print a config", description="Print a complete job config.")
+    p = sub.add_parser("config", help="print or check a config",
+                       description="Print a complete job config, or check one (--check) without running it.")
     p.add_argument("--defaults", action="store_true", help="every field with its default (pool.path to fill in)")
+    p.add_argument("--check", action="store_true",
+                   help="run every up-front check of `quadsel run` (paths, model, device, scorer, the pool's "
+                        "valid rows against k and the budget) and list all problems; runs and writes nothing")
     p.add_argument("config", nargs="?", help="a config to validate and print resolved")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_common(p)
@@ -146,6 +150,8 @@ def cmd_run(args) -> int:
         args.overrides.append(f"ray.address={args.address}")
     if args.no_ray:
         args.overrides.append("ray.enabled=false")
+        if not args.address:  # --no-ray wins over an address in the file; with --address: an error
+            args.overrides.append("ray.address=null")
     connected = []
     try:
         return _run_and_show(args, run_selection, before=lambda cfg: connected.append(_connect_ray(cfg)))
@@ -193,8 +199,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import dump_config, load_config
+    from .config import ConfigError, dump_config, load_config
 
+    if args.check:
+        from .preflight import check_job
+
+        if not args.config:
+            raise ConfigError("config --check needs a config file")
+        cfg = load_config(args.config, args.overrides)
+        found = check_job(cfg, "run")
+        print(json.dumps({"ok": True, **found}, indent=2))
+        return 0
     if args.config:
         cfg = load_config(args.config, args.overrides)
     else:

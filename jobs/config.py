@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import math
+import os
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quadsel.pipeline.cluster import ClusterConfig
 from quadsel.pipeline.embed import EmbedConfig
@@ -23,7 +26,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ProxyConfig(_Strict):
@@ -49,13 +52,33 @@ class ProxyConfig(_Strict):
         return self
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32"}
+
+
 class ModelConfig(_Strict):
-    path: str | None = Field(None, description="HF model id or local path; null = train a proxy")
+    path: str | None = Field(None, description="HF model id or local path; null (or empty) = train a proxy")
     max_length: int = Field(256, gt=1)
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="also bf16, fp16, half, fp32")
     batch_size: int = Field(16, gt=0)
     proxy: ProxyConfig = ProxyConfig()
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if not v.strip():
+                return None  # `--set model.path=` means no model: a proxy is trained
+            if v.startswith("~"):
+                return os.path.expanduser(v)
+        return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: Any) -> Any:
+        return DTYPE_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
 
 class ScorerConfig(_Strict):
@@ -87,6 +110,34 @@ class SelectionConfig(_Strict):
     budget: BudgetConfig = BudgetConfig(fraction=0.1)
     quad: dict[str, Any] = Field(default_factory=dict, description="selection.QuadConfig fields")
 
+    @field_validator("quad")
+    @classmethod
+    def _quad_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Each key a QuadConfig field, each value valid for it on its own (the cross-field rules,
+        e.g. take_size >= probe_size, are checked once the pool's scaled defaults are known)."""
+        from pydantic import TypeAdapter
+        from typing_extensions import Annotated
+
+        from quadsel.selection import QuadConfig
+
+        fields = QuadConfig.model_fields
+        problems = []
+        for key, value in v.items():
+            if key not in fields:
+                problems.append(f"unknown key {key!r} (QuadConfig fields: {', '.join(fields)})")
+                continue
+            f = fields[key]
+            try:
+                TypeAdapter(Annotated[f.annotation, f]).validate_python(value)
+            except ValidationError as e:
+                problems.append(f"{key}: {e.errors()[0]['msg']} (got {value!r})")
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{key}: must be a finite number (got {value!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
 
 class RayConfig(_Strict):
     enabled: bool = True
@@ -101,7 +152,7 @@ class RayConfig(_Strict):
 
 class JobConfig(_Strict):
     run_dir: str = "runs/quadsel"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     pool: SourceConfig
     reference: SourceConfig | None = None
     embed: EmbedConfig = EmbedConfig()
@@ -112,12 +163,30 @@ class JobConfig(_Strict):
     ray: RayConfig = RayConfig()
     output: ShardConfig = ShardConfig()
 
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run_dir must not be empty")
+        return os.path.expanduser(v)
+
+    @model_validator(mode="after")
+    def _seeds(self) -> "JobConfig":
+        bad = [f"{name}.seed" for name, sec in (("embed", self.embed), ("cluster", self.cluster))
+               if isinstance(getattr(sec, "seed", 0), int) and getattr(sec, "seed", 0) < 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: seeds must be >= 0")
+        return self
+
 
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not loc:  # a rule over several fields: its message names them
+            lines.append(f"  {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `quadsel config --defaults`)"
         got = e.get("input")
@@ -135,13 +204,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set has an empty key in {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        # an empty value is null, as in YAML (`--set model.path=`: no model)
+        value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
 
 
+# keys of which a config gives exactly one: an override of one replaces the other from the file
+_ONE_OF = {("selection", "budget"): ("amount", "fraction")}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    set_here: set[tuple[str, ...]] = set()
     for item in overrides:
         parts, value = parse_override(item)
         node = data
@@ -153,7 +228,42 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a section")
             node = nxt
         node[parts[-1]] = value
+        set_here.add(tuple(parts))
+        pair = _ONE_OF.get(tuple(parts[:-1]))
+        if pair and parts[-1] in pair and value is not None:
+            other = pair[1 - pair.index(parts[-1])]
+            if (*parts[:-1], other) not in set_here:  # both given with --set: an error below
+                node.pop(other, None)
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _mapping_no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{loader.name}: line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                              f"(first on line {seen[key].start_mark.line + 1}); give each section and key once")
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
+
+
+def _non_finite(obj: Any, path: str = "") -> list[str]:
+    """Paths of NaN / infinite numbers anywhere in a config (no field means anything by them)."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{path}: must be a finite number (got {obj!r})"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in _non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -167,7 +277,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            loader = _UniqueKeyLoader(text)
+            loader.name = str(p)
+            try:
+                loaded = loader.get_single_data()
+            finally:
+                loader.dispose()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -181,9 +297,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         data.update(loaded)
     data = apply_overrides(data, overrides or [])
     try:
-        return JobConfig.model_validate(data)
+        cfg = JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+    bad = _non_finite(cfg.model_dump(mode="python"))
+    if bad:
+        raise ConfigError("\n".join([f"invalid config ({source}):", *(f"  {b}" for b in bad)]))
+    return cfg
 
 
 def dump_config(cfg: JobConfig) -> str:

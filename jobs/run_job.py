@@ -25,10 +25,9 @@ from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
-from .models import (check_model_path, fit_scorer, load_scorer_factory, prepare_model, scorer_class, scorer_kwargs,
-                     token_lengths)
-from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
-                     write_assignments, write_cluster_summary)
+from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
+from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool,
+                     model_runtime_key, read_sources, write_assignments, write_cluster_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +172,9 @@ def _domain_mix(pool: PoolStore, rows: np.ndarray | None) -> dict[str, int] | No
 
 def run_selection(cfg: JobConfig, *, stop_after_round: int | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job; ``stop_after_round`` is for resume tests."""
+    from .preflight import config_problems, raise_if
+
+    raise_if(config_problems(cfg, "run"))  # before the run directory is even created
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir):
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -190,19 +192,15 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     from quadsel.selection import make_selector, run_selector
 
     t_start = time.monotonic()
-    check_model_path(cfg.model)  # before anything is written
-    if cfg.selection.method != "random":
-        scorer_kwargs(cfg.scorer, cfg.seed)  # scorer name and options, before any stage runs
-    ctx = RunContext.create(cfg, keep_committed=True)
+    # preflight (jobs.preflight): the config, paths, model, device and scorer are checked before
+    # anything is written, the pool's size against k / budget / bandit right after it is read
+    ctx = RunContext.create(cfg, keep_committed=True, command="run", preflight=False)
     pool, ref = read_sources(ctx)
-    if ref is None and cfg.selection.method != "random" and scorer_class(cfg.scorer).needs_reference:
-        raise JobError(f"reference: the {cfg.scorer.name!r} scorer needs a reference set "
-                       "(set reference.path), or use selection.method=random or a scorer without one "
-                       "(attention, vog, el2n)")
-    _check_budget(cfg, len(pool), None)
     uses_model = (cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens"
                   or (cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None))
     model_dir = prepare_model(ctx, pool) if uses_model else None
+    if model_dir is not None:  # how the model runs is part of what it scores: every later key has it
+        ctx.keys["model"] = model_runtime_key(cfg, ctx.keys["model"])
     emb = embed_pool(ctx, pool, model_dir)
     clusters = cluster_pool(ctx, emb)
     write_assignments(ctx, pool, clusters)
@@ -225,7 +223,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
             done = ctx.run_dir / "summary.json"
             if done.is_file() and read_json(done).get("run_key") == run_key:
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
-                ctx.promote()
+                ctx.discard_pending()  # config.resolved.yaml keeps the config the selection was made with
                 return read_json(ctx.run_dir / "summary.json")
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
             pass
@@ -299,6 +297,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         "scored_share": round(selector.scorer_calls / max(1, len(pool)), 4),
         "scoring_seconds": round(counter["seconds"], 2),
         "quad": quad.model_dump(mode="json") if cfg.selection.method == "quad" else None,
+        "inputs": ctx.inputs,  # per input file: rows kept, rejected, truncated
     }
     if scorer_dir is not None:
         summary["scorer"] = {"name": cfg.scorer.name, **_scorer_report(scorer_dir)}

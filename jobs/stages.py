@@ -43,25 +43,44 @@ class RunContext:
     run_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # rows per input file
 
     # a run dir that holds a finished selection keeps describing it (config.resolved.yaml,
     # rejects.jsonl) until a rerun commits a new one: the rerun writes *.pending files first
     pending: bool = False
+    command: str = "cluster"  # which job: "run" (a selection) or "cluster"; what preflight checks
 
     @classmethod
-    def create(cls, cfg: JobConfig, *, keep_committed: bool = False) -> "RunContext":
+    def create(cls, cfg: JobConfig, *, keep_committed: bool = False, command: str | None = None,
+               preflight: bool = True) -> "RunContext":
         """``keep_committed``: a selection job; when the folder already holds a manifest, the
-        run-level files are written as pending and promoted by :meth:`promote` at commit."""
+        run-level files are written as pending and promoted by :meth:`promote` at commit.
+
+        The job's up-front checks (``jobs.preflight``) run first: a problem found from the
+        config or the input paths stops the job here, before anything is written."""
+        from .preflight import config_problems, raise_if
+
+        command = command or ("run" if keep_committed else "cluster")
+        if preflight:  # False: the caller ran them already
+            raise_if(config_problems(cfg, command))
         run_dir = Path(cfg.run_dir)
         for sub in ("stages", "logs", "clusters"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        ctx = cls(cfg=cfg, run_dir=run_dir, pending=keep_committed and (run_dir / "manifest.json").is_file())
+        ctx = cls(cfg=cfg, run_dir=run_dir, pending=keep_committed and (run_dir / "manifest.json").is_file(),
+                  command=command)
         atomic_write_text(ctx.run_file("config.resolved.yaml"), dump_config(cfg))
         return ctx
 
     def run_file(self, name: str) -> Path:
         """Where a run-level file is written now (``name.pending`` while a selection is kept)."""
         return self.run_dir / (f"{name}.pending" if self.pending else name)
+
+    def discard_pending(self) -> None:
+        """Nothing new was committed: the run-level files keep describing the selection on disk."""
+        if self.pending:
+            for name in ("config.resolved.yaml", "rejects.jsonl"):
+                (self.run_dir / f"{name}.pending").unlink(missing_ok=True)
+            self.pending = False
 
     def promote(self) -> None:
         """The new selection is committed: its config and rejects replace the previous ones."""
@@ -76,16 +95,18 @@ class RunContext:
         self.timings[name] = round(time.monotonic() - t0, 3)
 
 
-def _fingerprint(src: SourceConfig) -> list[list[Any]]:
+def _fingerprint(src: SourceConfig, run_dir: Path) -> list[list[Any]]:
+    """Path, size, mtime, inode and ctime of each input file: a file rewritten in place (even
+    with its size and mtime put back) changes its ctime, so the sources stage is read again."""
     out = []
-    for p in resolve_paths(src.path, src.format):
+    for p in resolve_paths(src, exclude=[run_dir]):
         st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return out
 
 
 def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
-    key = stable_hash({"v": 1, "source": src.model_dump(mode="json"), "files": _fingerprint(src)})
+    key = stable_hash({"v": 2, "source": src.model_dump(mode="json"), "files": _fingerprint(src, ctx.run_dir)})
     ctx.keys[name] = key
     stage = Stage(ctx.run_dir, name, key)
     t0 = time.monotonic()
@@ -94,7 +115,7 @@ def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
     else:
         with stage.building() as tmp:
             with RejectLog(tmp / "rejects.jsonl") as rejects:
-                store = PoolStore.write(iter_batches(src, rejects), tmp / "store",
+                store = PoolStore.write(iter_batches(src, rejects, exclude=[ctx.run_dir]), tmp / "store",
                                         label="read pool" if name == "sources" else f"read {name}")
                 summary = rejects.summary()
             if len(store) == 0:
@@ -104,8 +125,21 @@ def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
             if rejects.total:
                 logger.warning("%s: %d rows rejected %s", name, rejects.total, rejects.counts)
             stage.commit(tmp, {"rows": len(store), "rejects": summary})
+    ctx.inputs[name] = stage.info().get("rejects", {}).get("files", [])
     ctx.timed(name, t0)
     return PoolStore.open(stage.path / "store")
+
+
+def model_runtime_key(cfg: JobConfig, model_key: str) -> str:
+    """The model's cache key extended by how it runs: dtype, device type and batch size change
+    the scores (bf16 against fp32, CUDA kernels against CPU ones), so a rerun that changes one
+    recomputes everything scored with the model instead of reusing a selection made otherwise."""
+    from quadsel.influence.model import resolve_device, resolve_dtype
+
+    m = cfg.model
+    dev = resolve_device(m.device)
+    return stable_hash({"model": model_key, "dtype": str(resolve_dtype(m.dtype, dev)), "device": dev.type,
+                        "batch_size": m.batch_size})
 
 
 def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
@@ -119,6 +153,10 @@ def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
 
 
 def read_sources(ctx: RunContext) -> tuple[PoolStore, PoolStore | None]:
+    """The pool and the reference, read (or reused); then the checks of the pool's size against
+    the job (k, budget, bandit constants), before any expensive stage."""
+    from .preflight import pool_problems, raise_if
+
     pool = _read_source(ctx, "sources", ctx.cfg.pool)
     ref = None
     names = ["sources"]
@@ -126,6 +164,7 @@ def read_sources(ctx: RunContext) -> tuple[PoolStore, PoolStore | None]:
         ref = _read_source(ctx, "reference", ctx.cfg.reference)
         names.append("reference")
     _merge_rejects(ctx, names)
+    raise_if(pool_problems(ctx.cfg, len(pool), ctx.command))
     return pool, ref
 
 

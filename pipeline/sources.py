@@ -53,6 +53,9 @@ REJECT_REASONS = (
     "invalid_utf8", "malformed_json", "not_an_object", "overlong_text", "duplicate_id", "bad_id",
 )
 _HF_META = {"state.json", "dataset_info.json", "dataset_dict.json"}
+RESERVED_PREFIX = "quadsel_"  # columns quadsel adds to a selection; an input's own are renamed
+_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_WHOLE_FILE_JSON_LIMIT = 2 * 2**30
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MISSING = object()
 _BAD_UTF8 = object()
@@ -96,6 +99,8 @@ class SourceConfig(BaseModel):
     max_chars: int = Field(100_000, gt=0)
     overlong: Literal["truncate", "reject"] = "truncate"
     batch_size: int = Field(1024, gt=0)
+    split: str | None = Field(None, description="the split of a datasets DatasetDict folder "
+                              "(save_to_disk of several splits); needed when it has more than one")
 
     @field_validator("path")
     @classmethod
@@ -147,6 +152,7 @@ class RejectLog:
         self.counts: dict[str, int] = {}
         self.truncated = 0
         self.by_file: dict[str, Counter[str]] = {}
+        self.rows: dict[str, int] = {}  # rows kept per input file, in reading order
         self._fh: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +177,20 @@ class RejectLog:
         self.truncated += 1
         self._write(file, line, "truncated", detail, id)
 
+    def files(self) -> list[dict[str, Any]]:
+        """Per input file: rows kept, rows rejected, rows truncated (every file read, in order)."""
+        out = []
+        for f in dict.fromkeys([*self.rows, *self.by_file]):
+            c = self.by_file.get(f, Counter())
+            out.append({"file": f, "rows": self.rows.get(f, 0),
+                        "rejected": sum(n for r, n in c.items() if r != "truncated"),
+                        "truncated": c.get("truncated", 0)})
+        return out
+
     def summary(self) -> dict[str, Any]:
         return {"total": self.total, "counts": dict(sorted(self.counts.items())),
-                "truncated": self.truncated, "path": str(self.path) if self.path else None}
+                "truncated": self.truncated, "path": str(self.path) if self.path else None,
+                "files": self.files()}
 
     def close(self) -> None:
         if self._fh is not None:
@@ -213,6 +230,28 @@ def _is_hf_dir(d: Path) -> bool:
         d.glob("data-*.arrow"))
 
 
+def _dataset_dict_split(d: Path, split: str | None) -> Path | None:
+    """The split folder of a DatasetDict folder ``d`` (None if ``d`` is not one)."""
+    meta = d / "dataset_dict.json"
+    if not meta.is_file():
+        return None
+    try:
+        splits = [str(x) for x in json.loads(meta.read_text(encoding="utf-8"))["splits"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{meta}: unreadable datasets DatasetDict index ({e})") from e
+    if split is None:
+        if len(splits) != 1:
+            raise SourceError(f"{d}: a datasets DatasetDict with splits {splits}; set pool.split "
+                              "(or reference.split) to the one to read")
+        split = splits[0]
+    if split not in splits:
+        raise SourceError(f"{d}: no split {split!r} in this DatasetDict (splits: {', '.join(splits)})")
+    sd = d / split
+    if not _is_hf_dir(sd):
+        raise SourceError(f"{sd}: split {split!r} is listed in dataset_dict.json but holds no data-*.arrow")
+    return sd
+
+
 def _hf_files(d: Path) -> list[Path]:
     """A ``save_to_disk`` folder's data files, in the order its state.json lists them."""
     try:
@@ -227,29 +266,77 @@ def _hf_files(d: Path) -> list[Path]:
     return files
 
 
-def _walk(root: Path, fmt: str, allow_empty: bool = False) -> list[tuple[Path, str]]:
-    if fmt in ("auto", "arrow", "hf") and _is_hf_dir(root):
-        return [(f, "arrow") for f in _hf_files(root)]
+def _excluded(p: Path, exclude: tuple[Path, ...]) -> bool:
+    """``p`` is one of ``exclude`` (real paths) or inside one."""
+    if not exclude:
+        return False
+    rp = Path(os.path.realpath(p))
+    return any(rp == e or e in rp.parents for e in exclude)
+
+
+def _walk_dirs(root: Path, exclude: tuple[Path, ...]) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """os.walk that follows symlinked folders but never loops (each real folder is read once),
+    skips hidden folders and the ``exclude`` folders (the run directory), and names a folder it
+    cannot read. Folders and names come sorted."""
+    seen: set[str] = set()
+
     def unreadable(e: OSError) -> None:
         raise SourceError(f"cannot read folder {e.filename}: {e.strerror or e}") from e
 
+    for here, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        seen.add(os.path.realpath(here))
+        keep = []
+        for x in sorted(dirs):
+            sub = Path(here) / x
+            if x.startswith("."):
+                continue
+            if _excluded(sub, exclude):
+                logger.warning("%s: skipped (it is the run directory, or inside it)", sub)
+            elif os.path.realpath(sub) in seen:
+                logger.warning("%s: skipped, a symlink to a folder already read (%s): a loop or a second link",
+                               sub, os.path.realpath(sub))
+            else:
+                seen.add(os.path.realpath(sub))
+                keep.append(x)
+        dirs[:] = keep
+        yield Path(here), dirs, sorted(names)
+
+
+def _walk(root: Path, fmt: str, allow_empty: bool = False, split: str | None = None,
+          exclude: tuple[Path, ...] = ()) -> list[tuple[Path, str]]:
+    if fmt in ("auto", "arrow", "hf"):
+        sd = _dataset_dict_split(root, split)
+        if sd is not None:
+            return [(f, "arrow") for f in _hf_files(sd)]
+        if _is_hf_dir(root):
+            return [(f, "arrow") for f in _hf_files(root)]
+
     groups: list[tuple[tuple[str, ...], list[tuple[Path, str]]]] = []
-    for here, dirs, names in os.walk(root, onerror=unreadable):
-        d = Path(here)
-        if d != root and fmt in ("auto", "arrow", "hf") and _is_hf_dir(d):
-            groups.append((d.relative_to(root).parts, [(f, "arrow") for f in _hf_files(d)]))
-            dirs[:] = []
-            continue
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
+    skipped: list[str] = []
+    for d, dirs, names in _walk_dirs(root, exclude):
+        if d != root and fmt in ("auto", "arrow", "hf"):
+            sd = _dataset_dict_split(d, split)
+            if sd is not None or _is_hf_dir(d):
+                groups.append((d.relative_to(root).parts, [(f, "arrow") for f in _hf_files(sd or d)]))
+                dirs[:] = []
+                continue
         for n in names:
             if n.startswith(".") or n in _HF_META:
                 continue
             f = d / n
+            if _excluded(f, exclude):
+                continue
             kind = _kind(f, fmt, explicit=False)
             if kind is None:
-                logger.debug("%s: skipped (not a supported data file)", f)
-            else:
+                skipped.append(str(f.relative_to(root)))
+                continue
+            if not f.exists():  # a dangling symlink: the data it pointed at is gone
+                raise SourceError(f"{f}: a symlink to {os.readlink(f)!r}, which does not exist")
+            if f.is_file():
                 groups.append((f.relative_to(root).parts, [(f, kind)]))
+    if skipped:
+        logger.warning("%s: %d file(s) skipped, not a supported data file: %s%s", root, len(skipped),
+                       ", ".join(skipped[:10]), " …" if len(skipped) > 10 else "")
     out = [item for _, g in sorted(groups, key=lambda t: t[0]) for item in g]
     if not out and not allow_empty:
         raise SourceError(
@@ -259,37 +346,95 @@ def _walk(root: Path, fmt: str, allow_empty: bool = False) -> list[tuple[Path, s
     return out
 
 
-def _expand(spec: str, fmt: str) -> list[tuple[Path, str]]:
+def _glob(spec: str, exclude: tuple[Path, ...]) -> list[str]:
+    """glob.glob, but a ``**`` walk follows symlinked folders without looping (glob's own walk
+    follows symlink loops for ever)."""
+    if "**" not in spec:
+        return sorted(glob.glob(spec, recursive=True))
+    parts = Path(spec).parts
+    i = next(k for k, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    root = Path(*parts[:i]) if i else Path(".")
+    if not root.is_dir():
+        return []
+    rx = re.compile(_translate(parts[i:]))
+    out = []
+    for d, dirs, names in _walk_dirs(root, exclude):
+        rel = d.relative_to(root)
+        for n in [*dirs, *names]:
+            if n.startswith("."):
+                continue
+            r = (rel / n).as_posix()
+            if rx.fullmatch(r):
+                out.append(str(root / r) if i else r)
+    return sorted(out)
+
+
+def _translate(parts: tuple[str, ...]) -> str:
+    """A regex over '/'-joined relative paths for glob segments; ``**`` is any number of folders."""
+    out = []
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, seg = 0, []
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                seg.append("[^/]*")
+            elif c == "?":
+                seg.append("[^/]")
+            elif c == "[" and "]" in part[j + 1:]:
+                end = part.index("]", j + 2 if part[j + 1:j + 2] in ("!", "]") else j + 1)
+                body = part[j + 1:end]
+                seg.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+                j = end
+            else:
+                seg.append(re.escape(c))
+            j += 1
+        out.append("".join(seg) + ("" if last else "/"))
+    return "".join(out)
+
+
+def _expand(spec: str, fmt: str, split: str | None = None, exclude: tuple[Path, ...] = ()) -> list[tuple[Path, str]]:
     p = Path(os.path.expanduser(spec))
     if p.is_file():
         return [(p, _kind(p, fmt, explicit=True))]  # type: ignore[list-item]
     if p.is_dir():
-        return _walk(p, fmt)
+        return _walk(p, fmt, split=split, exclude=exclude)
     if _GLOB_CHARS.search(spec):
-        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+        matches = _glob(os.path.expanduser(spec), exclude)
         if not matches:
             raise SourceError(f"no file matches {spec!r}")
         out: list[tuple[Path, str]] = []
         for m in map(Path, matches):
+            if _excluded(m, exclude):
+                continue
             if m.is_dir():
-                out += _walk(m, fmt, allow_empty=True)
+                out += _walk(m, fmt, allow_empty=True, split=split, exclude=exclude)
             elif (kind := _kind(m, fmt, explicit=False)) is not None:
+                if not m.exists():
+                    raise SourceError(f"{m}: a symlink to {os.readlink(m)!r}, which does not exist")
                 out.append((m, kind))
         if not out:
             raise SourceError(f"{spec!r} matches {len(matches)} path(s) but no supported data file")
         return out
+    if os.path.islink(p):
+        raise SourceError(f"{p}: a symlink to {os.readlink(p)!r}, which does not exist")
     if p.exists():
         raise SourceError(f"{p}: not a regular file or folder")
     raise SourceError(f"{p}: no such file or folder")
 
 
-def _plan(path: str | os.PathLike | Iterable[str | os.PathLike], fmt: str = "auto") -> list[tuple[Path, str]]:
+def _plan(path: str | os.PathLike | Iterable[str | os.PathLike], fmt: str = "auto", split: str | None = None,
+          exclude: Iterable[str | os.PathLike] = ()) -> list[tuple[Path, str]]:
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
         raise SourceError("no input path given")
+    ex = tuple(Path(os.path.realpath(os.path.expanduser(os.fspath(e)))) for e in exclude)
     out, seen = [], set()
     for item in items:
-        for p, kind in _expand(os.fspath(item), fmt):
+        for p, kind in _expand(os.fspath(item), fmt, split, ex):
             key = os.path.realpath(p)
             if key not in seen:  # the same file named twice is read once
                 seen.add(key)
@@ -297,14 +442,16 @@ def _plan(path: str | os.PathLike | Iterable[str | os.PathLike], fmt: str = "aut
     return out
 
 
-def resolve_paths(path: "str | list[str] | SourceConfig", format: str = "auto") -> list[Path]:
+def resolve_paths(path: "str | list[str] | SourceConfig", format: str = "auto", *, split: str | None = None,
+                  exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """The data files ``path`` names, in reading order (raises SourceError if none).
 
-    Given a SourceConfig, its own path and format are used.
+    Given a SourceConfig, its own path, format and split are used. Nothing inside an ``exclude``
+    folder (the run directory) is ever part of the input.
     """
     if isinstance(path, SourceConfig):
-        path, format = path.path, path.format
-    return [p for p, _ in _plan(path, format)]
+        path, format, split = path.path, path.format, path.split
+    return [p for p, _ in _plan(path, format, split, exclude)]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -371,6 +518,26 @@ class _Validator:
         self.rejects = rejects
         self.max_chars = cfg.max_chars
         self._seen: set[int] = set()
+        self._renamed: set[str] = set()
+
+    def rename_reserved(self, file: str, names: Iterable[str]) -> dict[str, str]:
+        """New names for the input's ``quadsel_*`` fields (reserved for the columns quadsel adds
+        to its selection): ``prev_quadsel_*`` (``prev_prev_…`` if taken). Logged once per file."""
+        names = list(names)
+        taken = set(names)
+        out: dict[str, str] = {}
+        for n in names:
+            if n.startswith(RESERVED_PREFIX) and n not in (self.cfg.text_field, self.cfg.id_field):
+                new = "prev_" + n
+                while new in taken:
+                    new = "prev_" + new
+                taken.add(new)
+                out[n] = new
+        if out and file not in self._renamed:
+            self._renamed.add(file)
+            logger.warning("%s: columns %s are reserved for quadsel's own; renamed to %s", file,
+                           ", ".join(out), ", ".join(out.values()))
+        return out
 
     def check(self, file: str, line: int, text: Any, raw_id: Any, meta: dict[str, Any]) -> Example | None:
         """An Example for a good row; None (and a reject) for a bad one."""
@@ -479,20 +646,95 @@ def _parse_json_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None, str
     return obj, None, ""
 
 
+def _split_lines(fh: IO[bytes], sep: bytes) -> Iterator[bytes]:
+    """Lines of a binary file split on ``sep`` (for files with CR-only line endings)."""
+    rest = b""
+    while True:
+        block = fh.read(1 << 20)
+        if not block:
+            break
+        parts = (rest + block).split(sep)
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+def _whole_file_json(path: Path, opener: Any, v: _Validator) -> Iterator[tuple[int, Any]]:
+    """(element number, value) of a file holding one JSON array or several multi-line JSON
+    values (pretty-printed, not one object per line); SourceError when it is neither."""
+    size = path.stat().st_size
+    if size > _WHOLE_FILE_JSON_LIMIT:
+        raise SourceError(f"{path}: a multi-line JSON document of {size:,} bytes, not JSON Lines; "
+                          "convert it to one object per line")
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 (bad byte at offset {e.start})") from e
+    values, pos, dec = [], 0, json.JSONDecoder(strict=False, parse_constant=_no_constant)
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    try:
+        while pos < len(text):
+            obj, pos = dec.raw_decode(text, pos)
+            values.append(obj)
+            pos = ws.match(text, pos).end()
+    except ValueError as e:
+        raise SourceError(f"{path}: neither JSON Lines (one object per line) nor one JSON document: {e}") from e
+    if len(values) == 1 and isinstance(values[0], list):
+        logger.warning("%s: a JSON array, not JSON Lines; read its %d elements as rows (row = element number)",
+                       path, len(values[0]))
+        values = values[0]
+    else:
+        logger.warning("%s: %d pretty-printed JSON values, not one per line; read each as a row", path, len(values))
+    yield from enumerate(values, 1)
+
+
 def _read_jsonl(path: Path, head: bytes, v: _Validator) -> Iterator[Example]:
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise SourceError(f"{path}: looks like UTF-16 text; JSONL must be UTF-8")
     file, tf, idf, lineno = str(path), v.cfg.text_field, v.cfg.id_field, 0
+    opener = gzip.open if head.startswith(b"\x1f\x8b") else open
+
+    def row(lineno: int, obj: dict[str, Any], raw: bytes | None) -> Example | None:
+        text = obj.pop(tf, _MISSING)
+        ident = _MISSING if idf is None else obj.pop(idf, _MISSING)
+        if raw is None or b'"quadsel_' in raw:
+            ren = v.rename_reserved(file, obj)
+            if ren:
+                obj = {ren.get(k, k): x for k, x in obj.items()}
+        return v.check(file, lineno, text, ident, obj)
+
     try:
-        with (gzip.open if head.startswith(b"\x1f\x8b") else open)(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
+        with opener(path, "rb") as fh:
+            first = fh.read(1 << 16)
+            fh.seek(0)
+            lines: Iterable[bytes] = fh
+            if b"\r" in first and b"\n" not in first:
+                logger.info("%s: CR-only line endings", path)
+                lines = _split_lines(fh, b"\r")
+            start = first.lstrip(b" \t\r\n").removeprefix(_BOM).lstrip()[:1]
+            if start in (b"[", b"{"):
+                line1 = first.lstrip().splitlines()[0] if first.strip() else b""
+                if _parse_json_line(line1)[1] == "malformed_json":  # a document spread over lines
+                    for lineno, obj in _whole_file_json(path, opener, v):
+                        if type(obj) is not dict:
+                            v.rejects.reject(file, lineno, "not_an_object",
+                                             f"element {lineno} is a JSON {type(obj).__name__}, not an object")
+                            continue
+                        ex = row(lineno, obj, None)
+                        if ex is not None:
+                            yield ex
+                    return
+            for lineno, raw in enumerate(lines, 1):
                 obj, reason, detail = _parse_json_line(raw)
                 if obj is None:
                     if reason is not None:
                         v.rejects.reject(file, lineno, reason, detail)
                     continue
-                ex = v.check(file, lineno, obj.pop(tf, _MISSING),
-                             _MISSING if idf is None else obj.pop(idf, _MISSING), obj)
+                ex = row(lineno, obj, raw)
                 if ex is not None:
                     yield ex
     except (OSError, EOFError, zlib.error) as e:
@@ -512,6 +754,14 @@ def _guarded(batches: Iterator[pa.RecordBatch], path: Path, what: str) -> Iterat
             raise SourceError(f"{path}: corrupt {what} data after row {n}: {e}") from e
         n += rb.num_rows
         yield rb
+
+
+def _whole_stream(batches: Iterator[pa.RecordBatch], src: Any, path: Path) -> Iterator[pa.RecordBatch]:
+    """The batches of an Arrow stream; an error if bytes follow its end-of-stream marker."""
+    yield from batches
+    if src.tell() < src.size():
+        raise SourceError(f"{path}: {src.size() - src.tell():,} bytes after the Arrow stream's end-of-stream "
+                          "marker (several streams joined?); they would not be read")
 
 
 def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch], Any]:
@@ -540,11 +790,21 @@ def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa
             reader = ipc.open_file(src)
             batches: Iterator[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
         else:
+            size = src.size()
+            src.seek(max(0, size - len(_ARROW_EOS)))
+            tail = src.read(len(_ARROW_EOS))
+            src.seek(0)
+            if tail != _ARROW_EOS:
+                raise SourceError(f"{path}: Arrow IPC stream without its end-of-stream marker (cut short: "
+                                  "the writer was killed or the copy is incomplete); rewrite or re-copy it")
             reader = ipc.open_stream(src)
-            batches = iter(reader)
+            batches = _whole_stream(iter(reader), src, path)
     except (pa.ArrowException, OSError) as e:
         src.close()
         raise SourceError(f"{path}: not a valid Arrow IPC file or stream ({e})") from e
+    except SourceError:
+        src.close()
+        raise
     return reader.schema, _guarded(batches, path, "Arrow"), src
 
 
@@ -561,13 +821,15 @@ def _read_table(path: Path, kind: str, head: bytes, v: _Validator) -> Iterator[E
         if cfg.id_field is not None and ii is None:
             logger.info("%s: no column %r; using content-hash ids", path, cfg.id_field)
         mi = [i for i in range(len(names)) if i not in (ti, ii)]
+        ren = v.rename_reserved(file, [names[i] for i in mi])
+        meta_names = {i: ren.get(names[i], names[i]) for i in mi}
         row = 0
         for rb in batches:
             for off in range(0, rb.num_rows, cfg.batch_size):
                 part = rb.slice(off, cfg.batch_size)
                 texts = _values(part.column(ti), raw=True)
                 ids = _values(part.column(ii), raw=True) if ii is not None else None
-                metas = [(names[i], _values(part.column(i))) for i in mi]
+                metas = [(meta_names[i], _values(part.column(i))) for i in mi]
                 for j, text in enumerate(texts):
                     meta = {name: col[j] for name, col in metas}
                     ex = v.check(file, row + j + 1, text, ids[j] if ids is not None else _MISSING, meta)
@@ -581,6 +843,7 @@ def _read_table(path: Path, kind: str, head: bytes, v: _Validator) -> Iterator[E
 
 def _read_file(path: Path, kind: str, v: _Validator) -> Iterator[Example]:
     head = _sniff(path)
+    v.rejects.rows.setdefault(str(path), 0)
     if not head:
         logger.warning("%s: empty file, nothing read", path)
         return
@@ -590,6 +853,7 @@ def _read_file(path: Path, kind: str, v: _Validator) -> Iterator[Example]:
     for ex in reader:
         n += 1
         yield ex
+    v.rejects.rows[str(path)] = n
     got = v.rejects.by_file.get(str(path), Counter())
     if sum(got.values()) > before:
         rejected = {k: c for k, c in sorted(got.items()) if k != "truncated"}
@@ -601,9 +865,11 @@ def _read_file(path: Path, kind: str, v: _Validator) -> Iterator[Example]:
         logger.warning("%s: no rows in file", path)
 
 
-def iter_examples(cfg: SourceConfig, rejects: RejectLog | None = None) -> Iterator[Example]:
-    """Every valid example of ``cfg``'s files, in file order then line order."""
-    plan = _plan(cfg.path, cfg.format)
+def iter_examples(cfg: SourceConfig, rejects: RejectLog | None = None, *,
+                  exclude: Iterable[str | os.PathLike] = ()) -> Iterator[Example]:
+    """Every valid example of ``cfg``'s files, in file order then line order (nothing inside an
+    ``exclude`` folder)."""
+    plan = _plan(cfg.path, cfg.format, cfg.split, exclude)
     return _examples(plan, _Validator(cfg, rejects if rejects is not None else RejectLog(None)))
 
 
@@ -613,12 +879,13 @@ def _examples(plan: list[tuple[Path, str]], v: _Validator) -> Iterator[Example]:
         yield from _read_file(path, kind, v)
 
 
-def iter_batches(cfg: SourceConfig, rejects: RejectLog | None = None) -> Iterator[list[Example]]:
+def iter_batches(cfg: SourceConfig, rejects: RejectLog | None = None, *,
+                 exclude: Iterable[str | os.PathLike] = ()) -> Iterator[list[Example]]:
     """Valid examples in lists of ``cfg.batch_size`` (the last may be shorter).
 
     Paths are resolved when this is called, so a missing file raises here, before any row.
     """
-    return _batched(iter_examples(cfg, rejects), cfg.batch_size)
+    return _batched(iter_examples(cfg, rejects, exclude=exclude), cfg.batch_size)
 
 
 def _batched(examples: Iterator[Example], size: int) -> Iterator[list[Example]]:
