@@ -1,0 +1,110 @@
+"""Hostile workflows through the whole job (issue 15): an earlier selection as the next pool, a
+run directory inside the pool folder, a rerun with a config that changes the result."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import yaml
+
+from conftest import small_job
+from quadsel.jobs.cli import main
+from quadsel.pipeline.shards import data_files, verify
+
+Q = ["-q", "--progress", "quiet"]
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(job: Path, capsys, *extra) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["run", str(job), *Q, *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def _table(run_dir: Path) -> pa.Table:
+    return pa.concat_tables([ipc.open_file(f).read_all() for f in data_files(run_dir)])
+
+
+def test_an_earlier_selection_as_the_next_pool_runs_end_to_end(tmp_path, capsys):
+    first = small_job(tmp_path, method="random", **{"selection.budget.amount": 300})
+    rc, err = _run(_write(tmp_path / "a.yaml", first), capsys)
+    assert rc == 0, err
+    second = small_job(tmp_path, method="random", **{"selection.budget.amount": 50, "cluster.k": 4})
+    second["run_dir"] = str(tmp_path / "run2")
+    second["pool"]["path"] = str(tmp_path / "run" / "selection")  # the shards of the first selection
+    rc, err = _run(_write(tmp_path / "b.yaml", second), capsys)
+    assert rc == 0, err
+    verify(tmp_path / "run2")
+    t = _table(tmp_path / "run2")
+    assert t.num_rows == 50
+    assert t.schema.field("quadsel_cluster").type == pa.int32()
+    assert t.schema.field("prev_quadsel_cluster").type == pa.int64()
+    assert {"prev_quadsel_score", "prev_quadsel_round"} <= set(t.column_names)
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["inputs"]["sources"][0]["rows"] == 300
+
+
+def test_run_dir_inside_the_pool_folder_is_excluded(tmp_path, capsys):
+    cfg = small_job(tmp_path, method="random", **{"cluster.k": 4})
+    data = tmp_path / "data"
+    cfg["pool"]["path"] = str(data)  # the folder holds pool.jsonl and reference.jsonl
+    cfg["run_dir"] = str(data / "runs" / "x")
+    job = _write(tmp_path / "job.yaml", cfg)
+    rc, err = _run(job, capsys)
+    assert rc == 0, err
+    s1 = json.loads((data / "runs" / "x" / "summary.json").read_text())
+    assert [Path(f["file"]).name for f in s1["inputs"]["sources"]] == ["pool.jsonl", "reference.jsonl"]
+    # the rerun must not read the first run's stores, rejects or shards: same pool, nothing new
+    (data / "runs" / "x" / "summary.json").unlink()
+    rc, err = _run(job, capsys)
+    assert rc == 0, err
+    s2 = json.loads((data / "runs" / "x" / "summary.json").read_text())
+    assert s2["pool_rows"] == s1["pool_rows"] and s2["inputs"] == s1["inputs"]
+
+
+def test_rerun_with_a_changed_dtype_recomputes_and_the_run_dir_says_what_it_holds(tmp_path, capsys):
+    cfg = small_job(tmp_path, **{"model.dtype": "float32"})
+    job = _write(tmp_path / "job.yaml", cfg)
+    rc, err = _run(job, capsys)
+    assert rc == 0, err
+    run = tmp_path / "run"
+    s32 = json.loads((run / "summary.json").read_text())
+    resolved = (run / "config.resolved.yaml").read_bytes()
+    # a field that does not change the selection: "already complete", the config on disk unchanged
+    rc, err = _run(job, capsys, "--set", "ray.num_actors=5")
+    assert rc == 0, err
+    assert (run / "config.resolved.yaml").read_bytes() == resolved
+    assert json.loads((run / "summary.json").read_text())["run_key"] == s32["run_key"]
+    # a field that changes the scores: recomputed, and the run directory describes the new selection
+    rc, err = _run(job, capsys, "--set", "model.dtype=bf16")
+    assert rc == 0, err
+    s16 = json.loads((run / "summary.json").read_text())
+    assert s16["run_key"] != s32["run_key"]
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["model"]["dtype"] == "bfloat16"
+    manifest = json.loads((run / "manifest.json").read_text())
+    from quadsel.jobs.config import load_config
+    from quadsel.pipeline.atomic import stable_hash
+
+    now = load_config(run / "config.resolved.yaml")
+    assert manifest["config_hash"] == stable_hash(now.model_dump(mode="json", exclude={"run_dir"}))
+    verify(run)
+
+
+@pytest.mark.parametrize("bad", ["seed: -1", "embed: {seed: -1}", "selection: {quad: {tau: .nan}}",
+                                 "scorer: {damping: .inf}", "model: {device: bogus}"])
+def test_bad_values_are_exit_2_without_a_traceback(tmp_path, capsys, bad):
+    cfg = small_job(tmp_path)
+    over = yaml.safe_load(bad)
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    rc, err = _run(_write(tmp_path / "job.yaml", cfg), capsys)
+    assert rc == 2 and err.startswith("quadsel run: error: "), err
