@@ -54,6 +54,9 @@ class GradientConfig(ScorerConfig):
     so that one job config can switch scorers by name)."""
 
     layers: LayerSpec = "all"
+    # module names or regular expressions (whole dotted names) restricting the tracked layers,
+    # e.g. [".*lora_[AB]\\.default"] for a peft model's LoRA adapters; None: every layer of ``layers``
+    modules: list[str] | None = None
     include_lm_head: bool = False
     include_bias: bool = False
     projection_dim: int | tuple[int, int] | None = None  # None: exact fast path
@@ -86,14 +89,17 @@ class GradientScorer(Scorer):
     curvature_name: ClassVar[str] = "identity"
     normalize: ClassVar[bool] = False
     needs_fit = False
+    reference_free_fit = True  # the curvature is fitted on its own texts; saved with curvature.json
 
     def __init__(self, model: InfluenceModel, config: Any = None) -> None:
         super().__init__(model, config)
         c = self.config
         if c.rank is not None and (self.normalize or c.rank < 1):
             raise ValueError(f"scorer {self.name!r}: rank must be None" + ("" if self.normalize else " or >= 1"))
+        if isinstance(c.modules, str):
+            c.modules = [c.modules]
         self.layers = find_layers(model.model, c.layers, include_lm_head=c.include_lm_head,
-                                  include_bias=c.include_bias)
+                                  include_bias=c.include_bias, modules=c.modules)
         self.layout: Layout = make_layout(self.layers, c.projection_dim, c.seed, c.projection_kind)
         self.projector = Projector(self.layout, model.device)
         cargs = {k: getattr(c, k) for k in ("damping", "damping_mode", "fisher")}

@@ -112,6 +112,7 @@ class QuadSelector(Selector):
                     lst.append((int(j), w))
             self.nb_weights.append(lst)
         self._perms: dict[int, np.ndarray] = {}
+        self._capacity_all: np.ndarray | None = None
         # per-cluster bandit state
         self.pos = np.zeros(k, dtype=np.int64)
         self.pulls = np.zeros(k, dtype=np.int64)
@@ -121,6 +122,10 @@ class QuadSelector(Selector):
         self.w_sum = np.zeros(k, dtype=np.float64)
         self.wm_sum = np.zeros(k, dtype=np.float64)
         self.wmm_sum = np.zeros(k, dtype=np.float64)
+        self.wn_sum = np.zeros(k, dtype=np.float64)  # sum of w * probe count: evidence per cluster
+        # pooled within-pull spread of the exploration probes (raw units), for the shrinkage
+        self.within_ss = 0.0
+        self.within_df = 0
         # reference distribution of the exploration probes (count, mean, sum of squared deviations)
         self.ref_n = 0
         self.ref_mean = 0.0
@@ -165,6 +170,93 @@ class QuadSelector(Selector):
             return np.zeros(len(self.sizes))
         return self.config.alpha * np.sqrt(2.0 * math.log(total) / (self.pulls + 1.0))
 
+    def shrinkage(self) -> float:
+        """kappa = within-cluster / between-cluster variance of the exploration probes.
+
+        A cluster's mean z from ``n`` probe scores is shrunk by ``n / (n + kappa)`` towards the
+        typical cluster (z = 0): the empirical-Bayes posterior mean of its true mean score. When
+        the probes do not separate clusters (between-cluster variance 0) kappa is infinite and
+        every cluster looks typical; with one probe per pull (no within spread) kappa is 1.
+        """
+        if self.ref_n < 2:
+            return math.inf
+        total = self.ref_m2 / self.ref_n
+        if self.within_df <= 0:
+            return 1.0
+        within = self.within_ss / self.within_df
+        between = total - within
+        if not between > 1e-12 * max(total, 1e-300):
+            return math.inf
+        return within / between
+
+    def quality(self) -> np.ndarray:
+        """q_c: the shrunken mean z of what cluster c received (0 = a typical cluster)."""
+        mu, sd = self.norm()
+        kappa = self.shrinkage()
+        if not math.isfinite(kappa):
+            return np.zeros(len(self.sizes))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = (self.wm_sum / self.w_sum - mu) / sd
+        shrink = self.wn_sum / (self.wn_sum + kappa)
+        return np.where(self.w_sum > 0, z * shrink, 0.0)
+
+    def _cluster_cost(self, rows_of: "callable") -> np.ndarray:
+        out = np.zeros(len(self.sizes), dtype=np.float64)
+        for c in range(len(self.sizes)):
+            rows = rows_of(c)
+            out[c] = float(self.tracker.costs(rows).sum()) if rows.size else 0.0
+        return out
+
+    def _capacity(self) -> np.ndarray:
+        """Budget units each cluster could give: its rows less those excluded as negative."""
+        if not self.excluded:
+            if self._capacity_all is None:
+                self._capacity_all = self._cluster_cost(lambda c: self.members[c])
+            return self._capacity_all
+        ex = np.fromiter(self.excluded, dtype=np.int64)
+        return self._cluster_cost(lambda c: self.members[c][~np.isin(self.members[c], ex)])
+
+    def used_per_cluster(self) -> np.ndarray:
+        if not self._sel_rows:
+            return np.zeros(len(self.sizes))
+        rows = np.asarray(self._sel_rows, dtype=np.int64)
+        return np.bincount(self.row_cluster[rows], weights=self.tracker.costs(rows).astype(np.float64),
+                           minlength=len(self.sizes))
+
+    def quotas(self) -> np.ndarray:
+        """Each cluster's share of the budget (budget units): ``capacity * exp(q / T)``, scaled
+        to the budget and capped at the capacity (the excess of capped clusters goes to the
+        others in proportion to their weights).
+
+        This is the allocation that maximises the mean q of the selection minus ``T`` times its
+        KL divergence from the pool's own mix: influence tilts the selection, coverage keeps it
+        spread. Scores that do not separate clusters (q = 0 everywhere) give a sample
+        stratified by cluster, like a random one.
+        """
+        cap = self._capacity()
+        q = self.quality()
+        w = cap * np.exp(np.clip((q - q.max()) / self.config.temperature, -700.0, 0.0))
+        quota = np.zeros_like(cap)
+        left = float(self.budget.amount)
+        free = cap > 0
+        while left > 1e-9 and free.any():
+            ws = float(w[free].sum())
+            if ws <= 0.0:  # every remaining weight underflowed: share by capacity
+                w = np.where(free, cap, 0.0)
+                ws = float(w[free].sum())
+            give = np.where(free, left * w / ws, 0.0)
+            over = free & (quota + give >= cap)
+            if not over.any():
+                quota += give
+                break
+            left -= float((cap[over] - quota[over]).sum())
+            quota[over] = cap[over]
+            free &= ~over
+        return quota
+
+    def deficits(self) -> np.ndarray:
+        return self.quotas() - self.used_per_cluster()
+
     def unknown(self) -> np.ndarray:
         return (self.pulls == 0) & (self.n_recv == 0)
 
@@ -202,7 +294,10 @@ class QuadSelector(Selector):
         cs_at = [None] * len(picks)
         if len(picks) < arms:
             cs = self.cluster_scores()
-            known = np.flatnonzero(ok & ~self.unknown())
+            known_ok = ok & ~self.unknown()
+            if self.config.allocation == "softmax":  # only clusters with room in their share
+                known_ok &= self.deficits() >= 1.0 - 1e-6  # room for a row (costs are integers)
+            known = np.flatnonzero(known_ok)
             order = known[np.lexsort((known, -cs[known]))][: arms - len(picks)]
             picks += [int(c) for c in order]
             flags += [False] * len(order)
@@ -225,6 +320,9 @@ class QuadSelector(Selector):
         batch = [s for s, e in zip(scores, explore) if e]
         if batch:
             self._merge_reference(np.concatenate(batch))
+            for s in batch:
+                self.within_ss += float(np.sum((s - s.mean()) ** 2))
+                self.within_df += int(s.size) - 1
         mu, sd = self.norm()
         means = [float(np.mean(s)) for s in scores]
         rewards = [(m - mu) / sd - cfg.tau for m in means]
@@ -232,10 +330,11 @@ class QuadSelector(Selector):
             c = p.cluster
             self.pulls[c] += 1
             self.probed[c] += len(p.rows)
-            self._receive(c, 1.0, m)
+            self._receive(c, 1.0, m, len(p.rows))
             for j, w in self.nb_weights[c]:
-                self._receive(j, w, m)
+                self._receive(j, w, m, len(p.rows))
         taken = []
+        room = self.deficits() if cfg.allocation == "softmax" else None
         for p, s, rew in zip(probes, scores, rewards):
             c = p.cluster
             negative = set()
@@ -245,7 +344,10 @@ class QuadSelector(Selector):
                 self.excluded |= negative
             if rew > 0:
                 self.accepted[c] += 1
-                taken.append(self._take(c, negative, r))
+                if room is None:
+                    taken.append(self._take(c, negative, r))
+                else:
+                    taken.append(self._take_share(c, p.rows, s, negative, r, float(room[c])))
             else:
                 self.pos[c] += len(p.rows)
                 taken.append(0)
@@ -276,9 +378,10 @@ class QuadSelector(Selector):
         )
         self._check_done(rounds_done=r + 1)
 
-    def _receive(self, c: int, w: float, m: float) -> None:
+    def _receive(self, c: int, w: float, m: float, n: int) -> None:
         self.n_recv[c] += 1
         self.w_sum[c] += w
+        self.wn_sum[c] += w * n
         self.wm_sum[c] += w * m
         self.wmm_sum[c] += w * m * m
 
@@ -301,6 +404,41 @@ class QuadSelector(Selector):
             window = window[~np.isin(window, np.fromiter(negative, dtype=np.int64))]
         return self._take_rows(window, self._scores_of(window), rnd)
 
+    def _by_score(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` with the scored ones first, best first (stable), then the rest in order."""
+        sc = self._scores_of(rows)
+        scored = ~np.isnan(sc)
+        if not scored.any():
+            return rows
+        first = rows[scored][np.argsort(-sc[scored], kind="stable")]
+        return np.concatenate([first, rows[~scored]])
+
+    def _within_share(self, rows: np.ndarray, room: float) -> np.ndarray:
+        """The longest prefix of ``rows`` whose cost fits ``room`` (at least one row).
+
+        Costs are integers: the room is rounded down, with a margin of 1e-6, so that float noise
+        in the shares (an affine change of the scores) never changes what is taken."""
+        room = math.floor(room + 1e-6)
+        if rows.size == 0 or room <= 0:
+            return rows[:0]
+        k = int(np.searchsorted(np.cumsum(self.tracker.costs(rows)), room, side="right"))
+        return rows[: max(1, k)]
+
+    def _take_share(self, c: int, probe_rows: np.ndarray, s: np.ndarray, negative: set[int],
+                    rnd: int, room: float) -> int:
+        """softmax allocation: an accepted pull takes up to ``take_size`` rows, no more than the
+        cluster's room in its share: its probed rows best first, then the next members."""
+        cfg = self.config
+        start = int(self.pos[c]) + len(probe_rows)  # the probes are perm[pos : pos + len]
+        ahead = self.perm(c)[start : start + max(0, cfg.take_size - len(probe_rows))]
+        probed = probe_rows[np.argsort(-s, kind="stable")]
+        if negative:
+            probed = probed[~np.isin(probed, np.fromiter(negative, dtype=np.int64))]
+        window = self._within_share(np.concatenate([probed, ahead]), room)
+        n_ahead = int(np.isin(window, ahead).sum())  # a prefix of ``ahead``, taken in order
+        self.pos[c] = start + n_ahead
+        return self._take_rows(window, self._scores_of(window), rnd)
+
     def _scores_of(self, rows: np.ndarray) -> np.ndarray:
         get = self.probe_scores.get
         return np.array([get(r, math.nan) for r in rows.tolist()], dtype=np.float64)
@@ -310,8 +448,16 @@ class QuadSelector(Selector):
         if self._nothing_fits():
             self._finish()
             return
-        if not self.pullable().any():
+        rem = self.tracker.remaining
+        if not initial and rem <= cfg.crumb_tolerance * self.budget.amount:
+            reason = (
+                f"what is left of the budget ({rem} {self.budget.unit}) is within "
+                f"crumb_tolerance ({cfg.crumb_tolerance:g} of it), not worth scoring for"
+            )
+        elif not self.pullable().any():
             reason = "every cluster has been probed out"
+        elif not self._choose_uncapped()[0]:
+            reason = "every cluster with members left to probe has its share of the budget"
         elif not initial and cfg.max_rounds is not None and rounds_done >= cfg.max_rounds:
             reason = f"max_rounds ({self.config.max_rounds}) was reached"
         elif cfg.score_budget is not None and not self._choose()[0]:
@@ -342,20 +488,41 @@ class QuadSelector(Selector):
         prior = ((self.ref_mean if self.ref_n else 0.0) - mu) / sd - self.config.tau
         cs = np.where(self.unknown(), prior + self.bonus(), cs)
         k = len(self.sizes)
-        order = np.lexsort((np.arange(k), -cs))
+        # rounded: clusters whose CS tie in exact arithmetic keep the cluster-id order whatever
+        # float noise an affine change of the scores adds
+        order = np.lexsort((np.arange(k), -np.round(cs, 9)))
         counts: dict[int, int] = {}
         before = self.tracker.used
         excluded = np.fromiter(self.excluded, dtype=np.int64)
-        for c in order.tolist():
-            if self.tracker.remaining <= 0:
-                break
+        softmax = self.config.allocation == "softmax"
+
+        def free(c: int) -> np.ndarray:
             rows = self.perm(c)
             rows = rows[~self.selected_mask[rows]]
             if excluded.size:
                 rows = rows[~np.isin(rows, excluded)]
+            return self._by_score(rows) if softmax else rows
+
+        def take(c: int, rows: np.ndarray) -> None:
             n = self._take_rows(rows, self._scores_of(rows), -1, fill=True)
             if n:
-                counts[int(c)] = n
+                counts[int(c)] = counts.get(int(c), 0) + n
+
+        if softmax:  # first every cluster's room in its share (scaled down together when the
+            # bandit's early takes left less than the shares add up to), best clusters first
+            room = np.maximum(self.deficits(), 0.0)
+            total = float(room.sum())
+            if total > self.tracker.remaining > 0:
+                room *= self.tracker.remaining / total
+            for c in order.tolist():
+                if self.tracker.remaining <= 0:
+                    break
+                if room[c] > 0:
+                    take(c, self._within_share(free(c), float(room[c])))
+        for c in order.tolist():  # then whatever is left, in cluster-score order
+            if self.tracker.remaining <= 0:
+                break
+            take(c, free(c))
         filled = sum(counts.values())
         self._history.append(
             {
@@ -403,6 +570,8 @@ class QuadSelector(Selector):
                 self.row_cluster[np.asarray(fill_rows, dtype=np.int64)], minlength=len(self.sizes)
             )
         unknown = self.unknown()
+        q = self.quality()
+        share = self.quotas() / max(1, self.budget.amount) if self.config.allocation == "softmax" else None
         for c, d in enumerate(base):
             d.update(
                 {
@@ -417,6 +586,8 @@ class QuadSelector(Selector):
                     "cs": nan_to_none(cs[c]),
                     "unknown": bool(unknown[c]),
                     "exhausted": bool(self.pos[c] >= self.sizes[c]),
+                    "quality": float(q[c]),
+                    "share": None if share is None else float(share[c]),
                 }
             )
         return base
@@ -437,6 +608,8 @@ class QuadSelector(Selector):
             "w_sum": self.w_sum.tolist(),
             "wm_sum": self.wm_sum.tolist(),
             "wmm_sum": self.wmm_sum.tolist(),
+            "wn_sum": self.wn_sum.tolist(),
+            "within": {"ss": self.within_ss, "df": self.within_df},
             "ref": {"n": self.ref_n, "mean": self.ref_mean, "m2": self.ref_m2},
             "probe_rows": rows,
             "probe_scores": [self.probe_scores[r] for r in rows],
@@ -454,6 +627,9 @@ class QuadSelector(Selector):
         self.w_sum = np.asarray(d["w_sum"], dtype=np.float64)
         self.wm_sum = np.asarray(d["wm_sum"], dtype=np.float64)
         self.wmm_sum = np.asarray(d["wmm_sum"], dtype=np.float64)
+        self.wn_sum = np.asarray(d["wn_sum"], dtype=np.float64)
+        self.within_ss = float(d["within"]["ss"])
+        self.within_df = int(d["within"]["df"])
         self.ref_n = int(d["ref"]["n"])
         self.ref_mean = float(d["ref"]["mean"])
         self.ref_m2 = float(d["ref"]["m2"])

@@ -64,8 +64,8 @@ class QuadConfig(BaseModel):
     take_size: int = Field(
         20_000, ge=1, description="members taken per accepted pull (probes included)"
     )
-    alpha: float = Field(0.1, ge=0.0, description="exploration weight of the UCB bonus")
-    tau: float = Field(0.5, description="reward = mean normalised probe score - tau")
+    alpha: float = Field(0.1, ge=0.0, allow_inf_nan=False, description="exploration weight of the UCB bonus")
+    tau: float = Field(0.5, allow_inf_nan=False, description="reward = mean normalised probe score - tau")
     gamma: float = Field(0.2, gt=0.0, le=2.0, description="neighbour radius (cosine distance)")
     normalize: Literal["zscore", "none"] = Field(
         "zscore", description="zscore: against the exploration probes; none: raw scores"
@@ -87,7 +87,23 @@ class QuadConfig(BaseModel):
         description="share of the pool's rows the bandit may score; a round that would pass it is "
         "not run and the rest of the budget is filled (None: no limit)",
     )
-    fill: bool = Field(True, description="fill what is left of the budget in cluster-score order")
+    fill: bool = Field(True, description="fill what is left of the budget (by share, then cluster score)")
+    allocation: Literal["softmax", "greedy"] = Field(
+        "softmax",
+        description="softmax: every cluster's share of the budget is capped at size * exp(q / "
+        "temperature), normalised (q: its shrunken mean z); greedy: Quad's rule, accepted pulls "
+        "take whole windows and the fill goes by cluster score",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, allow_inf_nan=False,
+        description="softmax allocation: sigma units of mean score that multiply a cluster's "
+        "share per row by e (the price of one nat of divergence from the pool's own mix)",
+    )
+    crumb_tolerance: float = Field(
+        0.001, ge=0.0, lt=1.0, allow_inf_nan=False,
+        description="stop scoring once what is left of the budget is at most this share of it "
+        "(the rest is filled unscored)",
+    )
     history_top: int = Field(10, ge=0, description="clusters kept in each round's CS snapshot")
 
     @model_validator(mode="after")
