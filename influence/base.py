@@ -76,6 +76,9 @@ class Scorer(ABC):
     needs_reference: ClassVar[bool] = True
     # reads saved training checkpoints of its model (vog, el2n): a job then saves proxy checkpoints
     needs_checkpoints: ClassVar[bool] = False
+    # fit() does not depend on the reference and a fitted scorer saved before set_reference()
+    # loads back ready for it: a job then caches the fit apart from the reference side
+    reference_free_fit: ClassVar[bool] = False
 
     def __init__(self, model: InfluenceModel, config: Any = None) -> None:
         self.model = model

@@ -154,28 +154,35 @@ def scorer_kwargs(scfg, seed: int, *, explicit: set[str] | None = None) -> dict:
 
 
 def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_dir: str) -> Path:
-    """Fit the scorer (curvature on a sample) and set the reference; saved for the workers."""
-    from quadsel.influence import make_scorer
+    """Fit the scorer (curvature on a sample) and set the reference; saved for the workers.
 
+    For scorers whose fit does not read the reference (``reference_free_fit``: the gradient
+    scorers) the fitted curvature is a stage of its own, ``stages/curvature``, whose key leaves
+    the reference out: a rerun that changes only the reference reuses the factors and only
+    recomputes the reference side (``stages/scorer``).
+    """
     s = ctx.cfg.scorer
-    key = stable_hash({"v": 1, "model": ctx.keys["model"], "ref": ctx.keys.get("reference"),
-                       "up": ctx.keys["sources"], "scorer": s.model_dump(mode="json"),
-                       "max_length": ctx.cfg.model.max_length, "seed": ctx.cfg.seed})
+    cls = scorer_class(s)
+    fit_key = stable_hash({"v": 1, "model": ctx.keys["model"], "up": ctx.keys["sources"],
+                           "scorer": s.model_dump(mode="json"), "max_length": ctx.cfg.model.max_length,
+                           "seed": ctx.cfg.seed,
+                           "fit_ref": ctx.keys.get("reference") if s.fit_on == "reference" else None})
+    split = cls.reference_free_fit
+    key = stable_hash({"v": 2, "fit": fit_key, "ref": ctx.keys.get("reference"), "split": split})
     ctx.keys["scorer"] = key
     stage = Stage(ctx.run_dir, "scorer", key)
     t0 = time.monotonic()
     if stage.is_done():
         logger.info("scorer: reusing fitted %s scorer", s.name)
     else:
-        kwargs = scorer_kwargs(s, ctx.cfg.seed)
-        im = _load_model(ctx, model_dir)
-        sc = make_scorer(s.name, im, **kwargs)
-        if s.fit_on == "reference" and ref is not None:
-            fit_texts = ref.texts(sample_rows(len(ref), s.fit_sample, ctx.cfg.seed + 2))
+        if split:
+            fitted = _fitted_curvature(ctx, fit_key, pool, ref, model_dir)
+            from quadsel.influence import load_scorer
+
+            sc = load_scorer(fitted, model=_load_model(ctx, model_dir))
+            fit_rows = Stage(ctx.run_dir, "curvature", fit_key).info().get("fit_rows")
         else:
-            fit_texts = pool.texts(sample_rows(len(pool), s.fit_sample, ctx.cfg.seed + 2))
-        sc.fit(fit_texts)
-        faults.point("scorer.fitted")
+            sc, fit_rows = _new_fitted_scorer(ctx, pool, ref, model_dir)
         ref_texts = ref.texts(np.arange(len(ref))) if ref is not None else []
         sc.set_reference(ref_texts)
         report = getattr(sc, "report", None)
@@ -183,10 +190,40 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_di
             logger.info("scorer %s: %s", s.name, report)
         with stage.building() as tmp:
             sc.save(tmp / "scorer")
-            stage.commit(tmp, {"scorer": s.name, "fit_rows": len(fit_texts), "reference_rows": len(ref_texts),
+            stage.commit(tmp, {"scorer": s.name, "fit_rows": fit_rows, "reference_rows": len(ref_texts),
                                **({"report": report} if report else {})})
     ctx.timed("fit_scorer", t0)
     return stage.path / "scorer"
+
+
+def _new_fitted_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_dir: str):
+    """A scorer fitted on its sample (no reference yet), and the number of fit texts."""
+    from quadsel.influence import make_scorer
+
+    s = ctx.cfg.scorer
+    sc = make_scorer(s.name, _load_model(ctx, model_dir), **scorer_kwargs(s, ctx.cfg.seed))
+    if s.fit_on == "reference" and ref is not None:
+        fit_texts = ref.texts(sample_rows(len(ref), s.fit_sample, ctx.cfg.seed + 2))
+    else:
+        fit_texts = pool.texts(sample_rows(len(pool), s.fit_sample, ctx.cfg.seed + 2))
+    sc.fit(fit_texts)
+    faults.point("scorer.fitted")
+    return sc, len(fit_texts)
+
+
+def _fitted_curvature(ctx: RunContext, fit_key: str, pool: PoolStore, ref: PoolStore | None,
+                      model_dir: str) -> Path:
+    """The ``curvature`` stage: the scorer fitted on its sample, before any reference is set."""
+    stage = Stage(ctx.run_dir, "curvature", fit_key)
+    if stage.is_done():
+        logger.info("scorer: reusing the fitted %s curvature (it does not depend on the reference)",
+                    ctx.cfg.scorer.name)
+    else:
+        sc, fit_rows = _new_fitted_scorer(ctx, pool, ref, model_dir)
+        with stage.building() as tmp:
+            sc.save(tmp / "fitted")
+            stage.commit(tmp, {"scorer": sc.name, "fit_rows": fit_rows})
+    return stage.path / "fitted"
 
 
 def load_scorer_factory(ctx_or_cfg, scorer_dir: Path):

@@ -92,6 +92,39 @@ def test_rerun_reuses_every_stage_and_changes_nothing(finished, caplog):
     assert _outputs(run_dir) == before
 
 
+def test_a_new_reference_reuses_the_fitted_curvature(finished, tmp_path, monkeypatch):
+    """The curvature is fitted on a pool sample: a rerun that changes only the reference keeps
+    it (no second fit) and recomputes the reference side, giving what a fresh run gives."""
+    import json as _json
+
+    from quadsel.influence.curvature import EKFAC
+
+    run_dir, _ = finished
+    root = tmp_path / "rerun"
+    shutil.copytree(run_dir.parent / "data", root / "data")
+    _run_in(root)  # here: the sources stage's key has the input files' paths and inodes
+    lines = (root / "data" / "reference.jsonl").read_text().splitlines()
+    (root / "data" / "reference.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    done = root / "run" / "stages" / "curvature" / "_DONE.json"
+    curvature_before = done.read_bytes()
+    scorer_before = (root / "run" / "stages" / "scorer" / "_DONE.json").read_bytes()
+
+    fits = []
+    real_fit = EKFAC.fit
+    monkeypatch.setattr(EKFAC, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    _, summary = _run_in(root)
+    assert fits == []  # the factors were not fitted again
+    assert done.read_bytes() == curvature_before
+    assert (root / "run" / "stages" / "scorer" / "_DONE.json").read_bytes() != scorer_before
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(root / "data", fresh / "data")
+    _, fresh_summary = _run_in(fresh)
+    assert fits  # a fresh run does fit
+    assert _outputs(root / "run") == _outputs(fresh / "run")
+    assert _json.loads((root / "run" / "stages" / "scorer" / "_DONE.json").read_text())["info"]["fit_rows"] == 24
+
+
 def test_resume_after_a_kill_gives_identical_shards(finished, tmp_path):
     run_dir, summary = finished
     reference = _outputs(run_dir)
