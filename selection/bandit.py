@@ -38,6 +38,13 @@ Clusters of the pool are the arms. Each round:
    ``z - tau`` is negative is left out (the window is not topped up). A rejected pull consumes
    only its probes.
 
+**Allocation.** With ``allocation="softmax"`` (default) every cluster has a share of the budget,
+``cap_c exp(q_c / T)`` normalised and water-filled (``quotas()``; ``q_c`` from ``quality()``, the
+empirical-Bayes shrunken mean z): arms are chosen among clusters with room in their share, an
+accepted pull takes at most that room (its probed rows best first), and the fill first gives
+every cluster its room. See ``selection.config`` for the rule and why. ``"greedy"`` is Quad's
+rule as described in 6 and below.
+
 **Budget.** Takes stop exactly at the budget. Examples: the last take is cut to the rows that
 remain. Tokens: members are taken in order while they fit and a member that does not fit is
 skipped (it can never fit later, since the remainder only shrinks); the budget is never exceeded

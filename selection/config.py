@@ -27,6 +27,33 @@ standard deviations of the score distribution and have their own defaults.
                 clusters (once all are known), stop probing and fill     (Quad: none)
 
 ``budget_rows`` is the budget in examples (a token budget is divided by the mean row length).
+
+**Allocation** (``allocation="softmax"``, the default; ``"greedy"`` is Quad's own rule). Quad's
+greedy rule lets every accepted pull take a whole window, so a selection piles onto the few
+clusters with the best score; where the pool holds little of the reference's domain that loses
+to a random sample, and it always costs breadth. With softmax each cluster ``c`` has a share of
+the budget
+
+    share_c = cap_c * exp(q_c / T) / sum_j cap_j * exp(q_j / T)    (capped at cap_c, water-filled)
+
+where ``cap_c`` is what the cluster holds (in budget units) and ``q_c`` its mean z-score shrunk
+towards the typical cluster by empirical Bayes: ``q_c = z_c * n_c / (n_c + kappa)``, with ``n_c``
+the (neighbour-weighted) probe scores it received and ``kappa = within / between`` variance of the
+exploration probes. This is the allocation that maximises ``E_share[q] - T * KL(share || pool)``:
+influence tilts the selection, divergence from the pool's own mix costs ``T`` per nat. Scores that
+do not separate clusters (between-cluster variance ~ 0) give ``q = 0`` everywhere and a sample
+stratified by cluster, i.e. a random sample; scores that do tilt it by ``e`` per ``T`` sigma.
+The bandit is unchanged otherwise: unknown clusters first, then CS (UCB, shared with
+neighbours) decides which clusters are pulled, but only among clusters with room in their share;
+an accepted pull takes its probed rows best first, then the next members, up to ``take_size``
+and the room left in its share; the fill gives every cluster its room (scaled down together if
+early takes used more), best CS first, probed rows by score first, then by CS.
+
+- temperature T = 1 (sigma units of the exploration probes; not tuned on any benchmark: one
+                 sigma of a typical cluster's spread buys one nat of divergence)
+- crumb_tolerance = 0.001: once what is left of the budget is at most 0.1% of it, the bandit
+                 stops scoring and fills (a token budget a few tokens short of a natural stop
+                 must not send it probing for them)
 """
 from __future__ import annotations
 
