@@ -127,8 +127,45 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class _Display:
+    """The one live display of the process, shared by every open Progress.
+
+    The outermost Progress starts it and stops it; a Progress opened inside another (a library
+    step inside a job stage: the scorer's per-chunk bar inside the job's select bar) becomes a
+    transient line of the same display, removed when it closes, and in log mode logs at DEBUG.
+    So library code can report progress wherever it runs without ever nesting live displays
+    (which rich refuses with LiveError) or piling finished bars up on the screen.
+    """
+
+    rich = None
+    depth = 0
+
+
+def _new_rich_display():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress as RichProgress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
 class Progress:
-    """A progress counter: ``with Progress("embed", total=n, unit="rows") as p: p.advance(k)``."""
+    """A progress counter: ``with Progress("embed", total=n, unit="rows") as p: p.advance(k)``.
+
+    Opened inside another Progress it reports as a sub-step (see ``_Display``)."""
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "rows") -> None:
         self.desc = desc
@@ -140,28 +177,18 @@ class Progress:
         self._last = self._t0
         self._rich = None
         self._task = None
+        self._nested = False
+        self._owner = False
 
     def __enter__(self) -> "Progress":
+        self._nested = _Display.depth > 0
+        _Display.depth += 1
         if self._mode == "pretty":
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress as RichProgress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._rich = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._rich.start()
+            if _Display.rich is None:
+                _Display.rich = _new_rich_display()
+                _Display.rich.start()
+                self._owner = True
+            self._rich = _Display.rich
             self._task = self._rich.add_task(self.desc, total=self.total, rate="")
         return self
 
@@ -191,11 +218,17 @@ class Progress:
             msg = f"{self.desc}: {self.count:,} {self.unit} ({r:,.1f}/s)"
         if final:
             msg = f"{self.desc}: done, {self.count:,} {self.unit} in {time.monotonic() - self._t0:.1f}s"
-        logger.info(msg, extra={"fields": fields})
+        logger.log(logging.DEBUG if self._nested else logging.INFO, msg, extra={"fields": fields})
 
     def __exit__(self, *exc) -> None:
+        _Display.depth = max(0, _Display.depth - 1)
         if self._rich is not None:
-            self._rich.stop()
+            if self._owner:
+                self._rich.stop()
+                _Display.rich = None
+            else:
+                self._rich.remove_task(self._task)
+            self._rich = None
         elif self._mode == "log":
             self._log_line(final=True)
 
