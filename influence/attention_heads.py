@@ -1,7 +1,9 @@
 """Attention heads of a causal LM: where they are, which ones retrieve, and how to mask them.
 
-- :func:`find_attention_sites`: the self-attention modules of Llama-like models (separate
-  ``v_proj``/``o_proj``: Llama, Mistral, Qwen2/3, ...) and GPT-2 (fused ``c_attn`` Conv1D).
+- :func:`find_attention_sites`: the self-attention modules, with separate value projections
+  (``v_proj``: Llama, Mistral, Qwen2/3, Gemma, Phi, OPT, GPT-J, OLMo, StarCoder2, ...) or fused
+  q/k/v (GPT-2, GPT-NeoX, Phi-3, BLOOM, Falcon, GPT-BigCode), multi-query and grouped-query
+  heads included (see ``LAYOUTS``).
 - :func:`build_probes` + :func:`retrieval_scores`: synthetic key-value retrieval prompts made of
   the model's own ordinary vocabulary tokens, and per (layer, head) the share of answer tokens for
   which the head's argmax attention (from the position predicting the answer token) is the
@@ -29,33 +31,52 @@ from torch import nn
 
 
 # ====================================================================== sites
+# Where a layer's value vectors sit in its value projection's output (``[..., out]``):
+#   "split":   a separate v projection: ``[n_kv, d]`` (Llama, Mistral, Qwen, Gemma, Phi, OPT, GPT-J, OLMo, ...)
+#   "concat":  fused ``[q (n_h d) | k (n_kv d) | v (n_kv d)]`` (GPT-2's c_attn, Phi-3's qkv_proj,
+#              GPT-BigCode's multi-query c_attn)
+#   "headwise": fused per head ``[n_h, (q d | k d | v d)]`` (GPT-NeoX, GPT-BigCode without multi-query)
+#   "interleaved": fused ``[n_h, 3, d]`` (BLOOM, Falcon without multi-query)
+#   "falcon_mq": fused ``[n_h + 2, d]``, the last row the single value head (Falcon multi-query)
+#   "grouped": fused ``[n_kv, n_h / n_kv + 2, d]``, the last row of each group its value head
+#              (Falcon's new decoder architecture)
+# The output projection's input is always the per-head outputs concatenated, ``[n_h, d]``.
+LAYOUTS = ("split", "concat", "headwise", "interleaved", "falcon_mq", "grouped")
+
+
 @dataclass
 class AttentionSite:
-    """One self-attention module. ``kind``: "llama" (v_proj/o_proj) or "gpt2" (c_attn/c_proj)."""
+    """One self-attention module: its value and output projections and the value layout."""
 
     layer: int
     name: str
     module: nn.Module
-    kind: str
+    kind: str  # one of LAYOUTS
     n_heads: int
     n_kv_heads: int
     head_dim: int
     window: int | None  # sliding-window size, None = full causal attention
-
-    @property
-    def value_module(self) -> nn.Module:
-        return self.module.v_proj if self.kind == "llama" else self.module.c_attn
-
-    @property
-    def out_module(self) -> nn.Module:
-        return self.module.o_proj if self.kind == "llama" else self.module.c_proj
+    value_module: nn.Module = None  # type: ignore[assignment]
+    out_module: nn.Module = None  # type: ignore[assignment]
 
     def values(self, out: torch.Tensor) -> torch.Tensor:
         """The value projection's output -> ``[B, T, n_kv_heads, head_dim]``."""
-        if self.kind == "gpt2":
-            e = self.n_heads * self.head_dim
-            out = out[..., 2 * e:3 * e]
-        return out.reshape(*out.shape[:-1], self.n_kv_heads, self.head_dim)
+        h, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        lead = out.shape[:-1]
+        if self.kind == "split":
+            return out.reshape(*lead, kv, d)
+        if self.kind == "concat":
+            off = (h + kv) * d
+            return out[..., off:off + kv * d].reshape(*lead, kv, d)
+        if self.kind == "headwise":
+            return out.reshape(*lead, h, 3 * d)[..., 2 * d:]
+        if self.kind == "interleaved":
+            return out.reshape(*lead, h, 3, d)[..., 2, :]
+        if self.kind == "falcon_mq":
+            return out.reshape(*lead, h + 2, d)[..., -1:, :]
+        if self.kind == "grouped":
+            return out.reshape(*lead, kv, h // kv + 2, d)[..., -1, :]
+        raise ValueError(f"unknown attention layout {self.kind!r}")
 
 
 def _window(config, layer: int) -> int | None:
@@ -65,7 +86,85 @@ def _window(config, layer: int) -> int | None:
         return int(w) if (types[layer] == "sliding_attention" and w) else None
     if not getattr(config, "use_sliding_window", True):
         return None
-    return int(w) if w else None
+    return int(w) if isinstance(w, int) and w else None
+
+
+def _out_features(m: nn.Module) -> int:
+    return int(m.out_features) if isinstance(m, nn.Linear) else int(m.weight.shape[-1])  # Conv1D: [in, out]
+
+
+def _in_features(m: nn.Module) -> int:
+    return int(m.in_features) if isinstance(m, nn.Linear) else int(m.weight.shape[0])
+
+
+def _int(*vals) -> int:
+    for v in vals:
+        if isinstance(v, int) and v > 0:
+            return v
+    return 0
+
+
+def _describe(name: str, mod: nn.Module, config) -> tuple | None:
+    """``(kind, value_module, out_module, n_heads, n_kv_heads, head_dim)`` of a self-attention
+    module, None when ``mod`` is not one; NotImplementedError for an attention it cannot mask."""
+    mt = getattr(config, "model_type", "")
+    g = lambda attr: getattr(mod, attr, None)  # noqa: E731
+    out = next((g(a) for a in ("o_proj", "out_proj", "dense", "c_proj") if isinstance(g(a), nn.Module)), None)
+    if out is None or not hasattr(out, "weight"):
+        return None
+    n_cfg = _int(getattr(config, "num_attention_heads", None), getattr(config, "n_head", None))
+    if isinstance(g("v_proj"), nn.Module):
+        if g("v_norm") is not None:
+            raise NotImplementedError(f"{name}: attention with a value norm (v_norm) is not supported")
+        hd = _int(g("head_dim"), g("head_size"), getattr(config, "head_dim", None))
+        if hd <= 0 and n_cfg:
+            hd = _in_features(out) // n_cfg
+        if hd <= 0:
+            raise NotImplementedError(f"{name}: attention module without a head_dim")
+        return "split", g("v_proj"), out, _in_features(out) // hd, _out_features(g("v_proj")) // hd, hd
+    fused = next((g(a) for a in ("qkv_proj", "query_key_value", "c_attn") if isinstance(g(a), nn.Module)), None)
+    if fused is None:
+        return None
+    if getattr(mod, "is_cross_attention", False):
+        return None
+    n_h = _int(g("num_heads"), n_cfg)
+    hd = _int(g("head_dim"), g("head_size"), (_in_features(out) // n_h) if n_h else 0)
+    if not (n_h and hd and n_h * hd == _in_features(out)):
+        raise NotImplementedError(f"{name}: cannot tell the heads of {type(mod).__name__} "
+                                  f"({n_h} heads of {hd} for an output projection of {_in_features(out)})")
+    width = _out_features(fused)
+    if mt == "gpt_neox":
+        kind, n_kv = "headwise", n_h
+    elif mt == "bloom":
+        if int(getattr(config, "pretraining_tp", 1) or 1) > 1 and getattr(config, "slow_but_exact", False):
+            raise NotImplementedError(f"{name}: BLOOM with pretraining_tp > 1 and slow_but_exact bypasses its "
+                                      "dense module; the attention scorer cannot mask its heads")
+        kind, n_kv = "interleaved", n_h
+    elif mt == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            kind, n_kv = "grouped", _int(getattr(config, "num_kv_heads", None))
+        elif getattr(config, "multi_query", True):
+            kind, n_kv = "falcon_mq", 1
+        else:
+            kind, n_kv = "interleaved", n_h
+    elif mt == "gpt_bigcode":
+        kind, n_kv = ("concat", 1) if getattr(config, "multi_query", True) else ("headwise", n_h)
+    elif isinstance(g("qkv_proj"), nn.Module):  # Phi-3 and other [q | k | v] fusions
+        n_kv = _int(g("num_key_value_heads"), getattr(config, "num_key_value_heads", None), n_h)
+        kind = "concat"
+    elif mt == "gpt2" or (isinstance(g("c_attn"), nn.Module) and width == 3 * n_h * hd):
+        kind, n_kv = "concat", n_h
+    else:
+        raise NotImplementedError(f"{name}: fused attention projection of {type(mod).__name__} ({mt}) has an "
+                                  "unknown q/k/v layout; the attention scorer does not support it")
+    if not n_kv or n_h % n_kv:
+        raise NotImplementedError(f"{name}: {n_h} heads do not split into {n_kv} key-value heads")
+    want = {"headwise": 3 * n_h * hd, "interleaved": 3 * n_h * hd, "falcon_mq": (n_h + 2) * hd,
+            "grouped": (n_h + 2 * n_kv) * hd, "concat": (n_h + 2 * n_kv) * hd}[kind]
+    if width != want:
+        raise NotImplementedError(f"{name}: fused projection width {width} does not match the {kind} layout of "
+                                  f"{n_h} heads / {n_kv} key-value heads of {hd} (expected {want})")
+    return kind, fused, out, n_h, n_kv, hd
 
 
 def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
@@ -73,27 +172,19 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
     config = model.config
     sites: list[AttentionSite] = []
     for name, mod in model.named_modules():
-        if isinstance(getattr(mod, "v_proj", None), nn.Module) and isinstance(getattr(mod, "o_proj", None), nn.Module):
-            if getattr(mod, "v_norm", None) is not None:
-                raise NotImplementedError(f"{name}: attention with a value norm (v_norm) is not supported")
-            hd = int(getattr(mod, "head_dim", 0) or 0)
-            if hd <= 0:
-                raise NotImplementedError(f"{name}: attention module without a head_dim")
-            kind, n_h, n_kv = "llama", mod.o_proj.in_features // hd, mod.v_proj.out_features // hd
-        elif isinstance(getattr(mod, "c_attn", None), nn.Module) and isinstance(getattr(mod, "c_proj", None), nn.Module) \
-                and hasattr(mod, "num_heads"):
-            if getattr(mod, "is_cross_attention", False):
-                continue
-            kind, n_h, hd = "gpt2", int(mod.num_heads), int(mod.head_dim)
-            n_kv = n_h
-        else:
+        d = _describe(name, mod, config)
+        if d is None:
             continue
+        kind, vmod, omod, n_h, n_kv, hd = d
+        if n_h <= 0 or n_kv <= 0 or n_h % n_kv:
+            raise NotImplementedError(f"{name}: {n_h} heads do not split into {n_kv} key-value heads")
         layer = int(getattr(mod, "layer_idx", None) if getattr(mod, "layer_idx", None) is not None else len(sites))
-        sites.append(AttentionSite(layer, name, mod, kind, n_h, n_kv, hd, _window(config, layer)))
+        sites.append(AttentionSite(layer, name, mod, kind, n_h, n_kv, hd, _window(config, layer), vmod, omod))
     if not sites:
         raise NotImplementedError(
             f"no supported self-attention modules in {type(model).__name__}: the attention scorer supports "
-            "Llama-like models (v_proj/o_proj) and GPT-2 (c_attn/c_proj)")
+            "attention with a v projection (v_proj) or a fused q/k/v projection (c_attn, qkv_proj, "
+            "query_key_value) and an output projection (o_proj, out_proj, dense, c_proj)")
     sites.sort(key=lambda s: s.layer)
     if [s.layer for s in sites] != list(range(len(sites))):
         raise NotImplementedError(f"{type(model).__name__}: attention layer indices are not 0..L-1")

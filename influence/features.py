@@ -52,9 +52,10 @@ class FeatureExtractor:
                  projection_dim: int | tuple[int, int] | None = 8192, seed: int = 0,
                  projection_kind: str = "orthogonal",
                  include_lm_head: bool = False, include_bias: bool = False,
-                 dtype: str | torch.dtype = "float32") -> None:
+                 dtype: str | torch.dtype = "float32", modules: Sequence[str] | None = None) -> None:
         self.im = im
-        self.layers = find_layers(im.model, layers, include_lm_head=include_lm_head, include_bias=include_bias)
+        self.layers = find_layers(im.model, layers, include_lm_head=include_lm_head, include_bias=include_bias,
+                                  modules=modules)
         self.layout = make_layout(self.layers, projection_dim, seed, projection_kind)
         self.projector = Projector(self.layout, im.device)
         self.out_dtype = {"float32": np.float32, "fp32": np.float32, "float16": np.float16,

@@ -2,7 +2,8 @@
 
 One pass over a batch:
 
-1. forward hook on every tracked layer: ``x`` (``[B, T, in]``, padding zeroed, a 1 appended when
+1. forward hook on every tracked layer: ``x`` (``[B, T, in]``, or ``[B*T, in]`` for layers that
+   see flattened tokens, as OPT's MLP; always handed on as ``[B, T, in]``; padding zeroed, a 1 appended when
    the bias is tracked) is mapped right away, ``x̃ = x M_inᵀ`` (``M_in`` a projection, an
    eigenbasis, or nothing), and a gradient hook is put on the layer's output;
 2. the loss is the SUM of the per-example summed token losses (optionally weighted);
@@ -94,9 +95,10 @@ class GradientPass:
             mask = self._mask
             x = inputs[0]
             B, T = mask.shape[:2]
-            if x.shape[0] != B or x.numel() // x.shape[-1] != B * T:
-                raise RuntimeError(f"layer {layer.name}: input shape {tuple(x.shape)} is not [B, T, in] "
-                                   f"for a batch of {B}x{T}")
+            # [B, T, in], or flattened [B*T, in] in (example, token) order (OPT's fc1/fc2)
+            if x.numel() // x.shape[-1] != B * T or not (x.shape[0] == B or (x.ndim == 2 and x.shape[0] == B * T)):
+                raise RuntimeError(f"layer {layer.name}: input shape {tuple(x.shape)} is neither [B, T, in] nor "
+                                   f"[B*T, in] for a batch of {B}x{T}")
             xf = x.detach().reshape(B, T, x.shape[-1]).float()
             if layer.bias:
                 xf = torch.cat([xf, torch.ones_like(mask)], dim=-1)

@@ -13,6 +13,16 @@ Embeddings are never tracked; the output head (``lm_head``) only with ``include_
 (with tied input/output embeddings, as in GPT-2, its block is the gradient of the output
 projection's use of the shared matrix, not of the embedding lookup). ``layers`` may also be an
 explicit list of module names. A module called twice in one forward pass cannot be tracked.
+``modules`` (a list of module names or regular expressions, each matched against the whole dotted
+name) restricts the tracked layers further, e.g. ``[r".*lora_[AB]\.default"]`` for the LoRA
+adapters of a peft model; with ``modules`` any Linear/Conv1D may be chosen (not only attention/MLP
+ones), and every pattern must match at least one of them.
+
+Weights that are not a Linear/Conv1D (mixture-of-experts weights stored as one 3-D parameter,
+Mixtral's ``experts.gate_up_proj``; a router stored as a bare parameter) cannot be tracked: a
+group that contains such weights is refused with a :class:`UntrackableLayersError` naming them,
+never skipped silently; choose ``layers="attention"`` or ``modules=`` to leave them out knowingly.
+Layers that see flattened ``[B*T, in]`` inputs (OPT's ``fc1``/``fc2``) are supported.
 
 Uniform view, whatever the module type: input ``x`` is ``[..., in]``, output gradient ``δ`` is
 ``[..., out]`` and the per-example gradient is ``G = Σ_t δ_t x_tᵀ`` of shape ``[out, in]``
@@ -21,6 +31,7 @@ appended to ``x`` so that the last column of ``G`` is the bias gradient.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
@@ -84,6 +95,45 @@ def _group_of(name: str) -> Literal["attention", "mlp", "other"]:
     return "other"
 
 
+class UntrackableLayersError(ValueError):
+    """The requested layer group holds weights the gradient hooks cannot track (not Linear/Conv1D)."""
+
+
+def untrackable_weights(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(parameter name, group, shape)`` of every weight matrix (>= 2-D parameter) in an
+    attention/MLP block that is not held by a Linear/Conv1D/embedding module."""
+    conv1d = _conv1d_type()
+    skip: tuple[type, ...] = (nn.Linear, nn.Embedding) + ((conv1d,) if conv1d is not None else ())
+    out = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, skip):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.ndim < 2:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            group = _group_of(full)
+            if group != "other":
+                out.append((full, group, tuple(int(x) for x in p.shape)))
+    return out
+
+
+def _compile_modules(modules: Sequence[str]) -> list[re.Pattern]:
+    if isinstance(modules, str):
+        modules = [modules]
+    pats = []
+    for m in modules:
+        if not isinstance(m, str) or not m:
+            raise ValueError(f"modules: expected non-empty module names or regular expressions, got {m!r}")
+        try:
+            pats.append(re.compile(m))
+        except re.error as exc:
+            raise ValueError(f"modules: {m!r} is not a valid regular expression ({exc})") from None
+    if not pats:
+        raise ValueError("modules: the list is empty (give None to track every layer of the group)")
+    return pats
+
+
 def _shape(module: nn.Module, kind: str) -> tuple[int, int]:
     w = module.weight
     if kind == "linear":
@@ -97,6 +147,7 @@ def find_layers(
     *,
     include_lm_head: bool = False,
     include_bias: bool = False,
+    modules: Sequence[str] | None = None,
 ) -> list[TrackedLayer]:
     """Tracked layers of ``model`` in module registration order (the feature layout order)."""
     conv1d = _conv1d_type()
@@ -115,11 +166,21 @@ def find_layers(
     if not explicit and layers not in ("attention", "mlp", "all"):
         raise ValueError(f"layers: expected 'attention', 'mlp', 'all' or a list of module names, got {layers!r}")
     wanted = set(layers) if explicit else None
+    pats = _compile_modules(modules) if modules is not None else None
+    if pats is not None and explicit:
+        raise ValueError("give either an explicit list of layer names or modules=, not both")
+    hits = [0] * len(pats or ())
     out: list[TrackedLayer] = []
     for name, mod, kind in candidates:
         is_head = mod is out_emb
         group = "lm_head" if is_head else _group_of(name)
-        if explicit:
+        if pats is not None:
+            matched = [j for j, p in enumerate(pats) if p.fullmatch(name)]
+            for j in matched:
+                hits[j] += 1
+            if not matched or (layers != "all" and group != layers):
+                continue
+        elif explicit:
             if name not in wanted:  # type: ignore[operator]
                 continue
         elif is_head:
@@ -135,6 +196,23 @@ def find_layers(
         missing = sorted(set(wanted) - {t.name for t in out})  # type: ignore[arg-type]
         if missing:
             raise ValueError(f"layers: no Linear/Conv1D module named {missing[:5]} in the model")
+    if pats is not None:
+        unmatched = [p.pattern for p, h in zip(pats, hits) if h == 0]
+        if unmatched:
+            sample = [n for n, _, _ in candidates][:6]
+            raise ValueError(f"modules: {unmatched} match(es) no Linear/Conv1D module of the model "
+                             f"(patterns match whole dotted names, e.g. {sample})")
+        if not out:
+            raise ValueError(f"modules={list(p.pattern for p in pats)} and layers={layers!r}: no module matches both")
+    elif not explicit:
+        bad = [(n, g, shp) for n, g, shp in untrackable_weights(model) if layers == "all" or g == layers]
+        if bad:
+            names = ", ".join(f"{n} {list(shp)}" for n, _, shp in bad[:4]) + (", ..." if len(bad) > 4 else "")
+            raise UntrackableLayersError(
+                f"layers={layers!r}: {len(bad)} weight(s) of {type(model).__name__} are not Linear/Conv1D "
+                f"modules and cannot be tracked ({names}; e.g. mixture-of-experts weights stored as 3-D "
+                "parameters). Refusing rather than skipping them silently: use layers='attention', or "
+                "modules=[...] to choose the tracked Linear layers explicitly")
     if not out:
         raise ValueError(f"layers={layers!r}: no Linear/Conv1D layer of that group in the model")
     return out
