@@ -111,7 +111,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
     from quadsel.pipeline.ray_runtime import WorkerPoolError
 
-    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, OSError)
+    from quadsel.pipeline.store import StoreError
+
+    extra: tuple[type[BaseException], ...] = ()
+    try:  # a truncated weights file (model folder or saved scorer): not an OSError
+        from safetensors import SafetensorError
+
+        extra = (SafetensorError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, StoreError, OSError,
+            *extra)
 
 
 def _load(args):

@@ -27,7 +27,8 @@ from quadsel.pipeline.store import PoolStore, expand_meta
 from .config import JobConfig
 from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
 from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool,
-                     model_runtime_key, read_sources, write_assignments, write_cluster_summary)
+                     model_runtime_key, read_selector_state, read_sources, state_checksum, write_assignments,
+                     write_cluster_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +229,21 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
             pass
 
-    selector = make_selector(cfg.selection.method, view, budget, seed=cfg.seed,
+    def new_selector():
+        return make_selector(cfg.selection.method, view, budget, seed=cfg.seed,
                              config=quad if cfg.selection.method == "quad" else None)
+
+    selector = new_selector()
     state_path = ctx.run_dir / "bandit" / "state.json"
-    if state_path.is_file():
-        saved = read_json(state_path)
-        if saved.get("key") == run_key:
+    saved = read_selector_state(state_path, run_key)  # None: absent, another config's, or damaged
+    if saved is not None:
+        try:
             selector.load_state_dict(saved["selector"])
             logger.info("resuming the selection from round %d", saved.get("round", 0))
-        else:
-            logger.warning("bandit/state.json belongs to another config; starting the selection over")
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+            logger.warning("%s: does not fit this selection (%s: %s); starting the selection over",
+                           state_path, type(e).__name__, e)
+            selector = new_selector()
 
     rounds = {"n": 0}
     progress = Progress("select", total=budget.amount, unit=budget.unit)
@@ -249,8 +255,9 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         progress.advance(used - done_before["used"])
         done_before["used"] = used
         faults.point("round.before_save")
-        atomic_write_json(state_path, {"key": run_key, "round": len(sel.history()),
-                                       "selector": sel.state_dict()})
+        state = sel.state_dict()
+        atomic_write_json(state_path, {"key": run_key, "round": len(sel.history()), "selector": state,
+                                       "sha256": state_checksum(state)})
         faults.point("round.saved")
         if stop_after_round is not None and rounds["n"] >= stop_after_round:
             raise _StopForTest()

@@ -142,6 +142,41 @@ def model_runtime_key(cfg: JobConfig, model_key: str) -> str:
                         "batch_size": m.batch_size})
 
 
+def state_checksum(state: Any) -> str:
+    """sha256 of a selector state as written (canonical JSON): a state file edited by hand, cut
+    short or bit-flipped no longer matches it."""
+    import hashlib
+
+    from quadsel.pipeline.atomic import canonical_json
+
+    return hashlib.sha256(canonical_json(state).encode("utf-8")).hexdigest()
+
+
+def read_selector_state(path: Path, key: str) -> dict[str, Any] | None:
+    """The saved selector state of ``path`` if it belongs to ``key`` and is intact; otherwise None
+    (logged, naming the file): the selection then starts over, which the seed makes give the same
+    result as a resume would."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        logger.warning("%s: unreadable (%s); starting the selection over", path, e)
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("selector"), dict):
+        logger.warning("%s: not a selector state; starting the selection over", path)
+        return None
+    if saved.get("key") != key:
+        logger.warning("%s belongs to another config; starting the selection over", path)
+        return None
+    if saved.get("sha256") != state_checksum(saved["selector"]):
+        logger.warning("%s: checksum mismatch (edited, cut short or corrupt); starting the selection over", path)
+        return None
+    return saved
+
+
 def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
     """The run's ``rejects.jsonl``: the rejects of every source stage, in stage order."""
     with atomic_path(ctx.run_file("rejects.jsonl")) as tmp, open(tmp, "wb") as out:

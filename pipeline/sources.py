@@ -743,11 +743,25 @@ def _read_jsonl(path: Path, head: bytes, v: _Validator) -> Iterator[Example]:
         raise SourceError(f"{path}: read failed after line {lineno}: {e}") from e
 
 
+def _check_batch(rb: pa.RecordBatch) -> None:
+    """Full structural validation (offsets, lengths, buffer sizes) of a batch read from a file:
+    damaged bytes would otherwise crash the process (an abort inside Arrow) when converted.
+    Strings are checked as binary, so invalid UTF-8 stays a per-row reject, not a file error."""
+    for col in rb.columns:
+        t = col.type
+        if pa.types.is_string(t):
+            col = col.view(pa.binary())
+        elif pa.types.is_large_string(t):
+            col = col.view(pa.large_binary())
+        col.validate(full=True)
+
+
 def _guarded(batches: Iterator[pa.RecordBatch], path: Path, what: str) -> Iterator[pa.RecordBatch]:
     n = 0
     while True:
         try:
             rb = next(batches)
+            _check_batch(rb)
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as e:
@@ -780,7 +794,7 @@ def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa
             table = feather.read_table(str(path))
         except (pa.ArrowException, OSError) as e:
             raise SourceError(f"{path}: not a readable Feather file ({e})") from e
-        return table.schema, iter(table.to_batches(max_chunksize=batch_size)), None
+        return table.schema, _guarded(iter(table.to_batches(max_chunksize=batch_size)), path, "Feather"), None
     try:
         src = pa.memory_map(str(path))
     except OSError as e:
