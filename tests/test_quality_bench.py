@@ -113,6 +113,8 @@ def test_whole_harness_tiny(tiny_data, tmp_path):
     for r in ood["rows"].values():
         assert "math" not in r["selection"]["domain_mix_tokens"]
     assert (cache / "pool-no-math").is_dir() and list((cache / "pools").glob("pool-no-math-*.jsonl"))
+    for stage in ("proxy-s0", "tokens-s0", "proxy-no-math-s0", "tokens-no-math-s0"):  # neither evicts the other
+        assert (cache / "stages" / stage / "_DONE.json").is_file(), stage
     assert len(list((cache / "dsir").glob("weights-*.npz"))) == 2  # one per (pool, target)
     # random trainings of the two pools differ (their own proxy / tokens), broad mix eval the same sets
     assert ood["rows"]["random"]["mix_bpb"]["per_seed"] != full["rows"]["random"]["mix_bpb"]["per_seed"]

@@ -137,6 +137,11 @@ def read_reference(cfg: QualityConfig, target: str) -> list[str]:
     return read_texts(cfg.target_dir(base_target(target)) / "reference.jsonl")
 
 
+def pool_tag(pool: PoolData) -> str:
+    """'' for the full pool, '-no-<domain>' for a leave-domain-out pool (stage folder names)."""
+    return "" if pool.excluded_domain is None else f"-no-{pool.excluded_domain}"
+
+
 def proxy_seed(cfg: QualityConfig, seed: int) -> int:
     return seed if cfg.proxy.per_seed else cfg.seeds[0]
 
@@ -162,7 +167,8 @@ def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedMod
     settings = p.model_dump(mode="json", exclude={"score_batch", "per_seed"})
     key = stable_hash({"v": 1, "pool": pool.key, "proxy": settings, "seed": seed})
     cache = Path(cfg.cache_dir)
-    stage = Stage(cache, f"proxy-s{seed}", key)
+    tag = pool_tag(pool)  # one stage folder per pool: a leave-domain-out run never evicts the full pool's
+    stage = Stage(cache, f"proxy{tag}-s{seed}", key)
     t0 = time.monotonic()
     if not stage.is_done():
         logger.info("seed %d: training the proxy model on %d pool rows", seed, min(p.train_sample, len(pool.store)))
@@ -170,7 +176,7 @@ def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedMod
             n_rows = _train_proxy(cfg, pool, seed, tmp / "model")
             stage.commit(tmp, {"train_rows": n_rows, "seconds": round(time.monotonic() - t0, 2)})
     model_dir = stage.path / "model"
-    tok_stage = Stage(cache, f"tokens-s{seed}", stable_hash({"v": 1, "model": key}))
+    tok_stage = Stage(cache, f"tokens{tag}-s{seed}", stable_hash({"v": 1, "model": key}))
     if not tok_stage.is_done():
         with tok_stage.building() as tmp:
             offsets, ids = _tokenize_pool(model_dir, pool.store)
@@ -188,7 +194,7 @@ def proxy_checkpoints(cfg: QualityConfig, pool: PoolData, model: SeedModel, n: i
     """Training checkpoints of ``model``'s proxy (for vog / el2n), oldest first, ending with the
     proxy itself. A second, identical training run that also saves ``n`` checkpoints, cached in
     its own stage, so the proxy every other method uses (and its cached scores) is untouched."""
-    stage = Stage(Path(cfg.cache_dir), f"proxy-ckpt-s{model.seed}",
+    stage = Stage(Path(cfg.cache_dir), f"proxy-ckpt{pool_tag(pool)}-s{model.seed}",
                   stable_hash({"v": 1, "model": model.key, "checkpoints": n}))
     if not stage.is_done():
         logger.info("seed %d: training the proxy again to save %d checkpoints (vog / el2n)", model.seed, n)
