@@ -185,6 +185,10 @@ def config_problems(cfg: JobConfig, command: str = "run") -> list[str]:
             out.append(why)
         if cfg.embed.model:
             out += model_folder_problems(cfg.embed.model, "embed.model")
+    if (command == "run" and cfg.ray.enabled and cfg.ray.address is None and cfg.selection.method != "random"
+            and cfg.ray.num_cpus_per_actor > (os.cpu_count() or 1)):
+        out.append(f"ray.num_cpus_per_actor = {cfg.ray.num_cpus_per_actor:g} but this machine has "
+                   f"{os.cpu_count()} CPUs (Ray is started locally): no actor could ever be placed")
     if command == "run" and cfg.selection.method != "random":
         try:
             scorer_kwargs(cfg.scorer, cfg.seed)

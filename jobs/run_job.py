@@ -48,6 +48,9 @@ def _check_budget(cfg: JobConfig, n_rows: int, lengths: np.ndarray | None) -> No
         have, what = int(lengths.sum()), f"{int(lengths.sum()):,} tokens in {n_rows:,} valid rows"
     else:
         return
+    if lengths is not None and len(lengths) and b.amount < int(lengths.min()):
+        raise JobError(f"selection.budget.amount = {b.amount:,} tokens is less than the shortest text of the pool "
+                       f"({int(lengths.min()):,} tokens): nothing could be selected")
     if b.amount > have:
         raise JobError(
             f"selection.budget.amount = {b.amount:,} {b.unit} is more than the pool holds ({what}, "
@@ -95,6 +98,11 @@ def _score_rows_fn(pool: PoolStore, workers, counter: dict[str, float]):
                     len(rows) / max(time.monotonic() - t0, 1e-9), counter["scored"],
                     extra={"fields": {"stage": "score", "count": int(counter["scored"])}})
         faults.point("score.call")
+        bad = ~np.isfinite(scores)
+        if bad.any():  # a NaN score would silently steer (or stall) the bandit
+            raise JobError(f"the scorer returned {int(bad.sum())} non-finite score(s) (NaN/inf) for {len(rows)} "
+                           "texts: the model's loss or gradients are not finite (a diverged proxy, e.g. a "
+                           "too large model.proxy.lr, or float16 overflow: try model.dtype=float32)")
         # float32 precision: scores must not depend on which worker (thread count) computed them
         return scores.astype(np.float32).astype(np.float64)
     return score_rows

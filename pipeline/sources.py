@@ -60,6 +60,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _MISSING = object()
 _BAD_UTF8 = object()
 _BOM = b"\xef\xbb\xbf"
+# characters that show nothing (zero-width, joiners, BOM, word joiner, Mongolian vowel separator):
+# a text of only these and whitespace is blank
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u180e\u00ad"
+_BLANK = _INVISIBLE + "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 
 
 def _no_constant(_name: str) -> None:
@@ -542,7 +546,7 @@ class _Validator:
     def check(self, file: str, line: int, text: Any, raw_id: Any, meta: dict[str, Any]) -> Example | None:
         """An Example for a good row; None (and a reject) for a bad one."""
         if (type(text) is str and 0 < len(text) <= self.max_chars and not text.isspace()
-                and (raw_id is _MISSING or (type(raw_id) is str and raw_id and not raw_id.isspace()))):
+                and text[0] not in _BLANK and (raw_id is _MISSING or (type(raw_id) is str and raw_id and not raw_id.isspace()))):
             return self._accept(file, line, text, text, None if raw_id is _MISSING else raw_id, meta)
         return self._check_slow(file, line, text, raw_id, meta)
 
@@ -602,7 +606,7 @@ class _Validator:
                 rej.reject(file, line, "overlong_text", f"{len(text):,} chars > max_chars {cfg.max_chars:,}", ident)
                 return None
             kept = text[: cfg.max_chars]
-        if kept.isspace():
+        if kept.isspace() or not kept.strip(_BLANK):  # zero-width / invisible characters only
             rej.reject(file, line, "whitespace_text", f"field {field!r} is only whitespace", ident)
             return None
         return self._accept(file, line, text, kept, ident, meta)

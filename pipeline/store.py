@@ -19,6 +19,7 @@ so opening a store costs nothing and resident memory is what is touched.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -31,6 +32,8 @@ from . import faults
 from .atomic import atomic_path, atomic_write_json, fsync_dir, read_json, remove_stale_temps
 from .progress import Progress
 from .sources import Example
+
+logger = logging.getLogger(__name__)
 
 INDEX = "index.json"
 FORMAT = "quadsel-pool"
@@ -340,7 +343,7 @@ class PoolStore:
 
 # ------------------------------------------------------------------------ meta -> columns
 
-def _infer(values: list[Any]) -> pa.Array:
+def _infer(values: list[Any], name: str = "") -> pa.Array:
     kinds = set()
     for v in values:
         if v is None:
@@ -365,6 +368,9 @@ def _infer(values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else float(v) for v in values], pa.float64())
     if not kinds:
         return pa.nulls(len(values), pa.string())
+    if len(kinds) > 1:  # said once per field, never a silent rewrite
+        logger.warning("meta field %r has values of several types (%s) across rows: written as JSON text "
+                       "(strings quoted)", name, ", ".join(sorted(kinds)))
     return pa.array([None if v is None else json.dumps(v, sort_keys=True, ensure_ascii=False,
                                                          separators=(",", ":"))
                      for v in values], pa.string())
@@ -389,5 +395,5 @@ def expand_meta(table: pa.Table) -> pa.Table:
     if clash:
         out = out.drop_columns(clash)
     for k in keys:
-        out = out.append_column(k, _infer([m.get(k) for m in metas]))
+        out = out.append_column(k, _infer([m.get(k) for m in metas], k))
     return out

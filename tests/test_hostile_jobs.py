@@ -108,3 +108,10 @@ def test_bad_values_are_exit_2_without_a_traceback(tmp_path, capsys, bad):
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     rc, err = _run(_write(tmp_path / "job.yaml", cfg), capsys)
     assert rc == 2 and err.startswith("quadsel run: error: "), err
+
+
+def test_a_diverged_proxy_is_named_not_a_traceback(tmp_path, capsys):
+    cfg = small_job(tmp_path, **{"model.proxy.lr": 1e12})
+    rc, err = _run(_write(tmp_path / "job.yaml", cfg), capsys)
+    assert rc == 2, err
+    assert "non-finite score" in err and "model.proxy.lr" in err, err

@@ -240,3 +240,11 @@ def test_skipped_files_in_a_folder_are_logged(tmp_path, warnings):
     resolve_paths(str(tmp_path))
     msg = [r.getMessage() for r in warnings.records if "skipped, not a supported data file" in r.getMessage()]
     assert msg and "notes.txt" in msg[0] and "rows.json" in msg[0]
+
+
+def test_texts_of_only_invisible_characters_are_blank(tmp_path):
+    rows = ROWS[:5] + [{"id": "z1", "text": "\u200b\u200b\u200b"}, {"id": "z2", "text": " \u200d\ufeff\n"},
+                       {"id": "z3", "text": "\u200bword"}]
+    got, rejects = _read(_jsonl(tmp_path / "zw.jsonl", rows))
+    assert rejects.counts == {"whitespace_text": 2}
+    assert [e.id for e in got][-1] == "z3"

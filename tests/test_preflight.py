@@ -213,3 +213,18 @@ def test_no_field_is_nan_after_loading_defaults():
             for v in o.values():
                 walk(v)
     walk(cfg.model_dump())
+
+
+def test_more_cpus_per_actor_than_the_machine_has(tmp_path, capsys):
+    job = _job(tmp_path, **{"selection.method": "quad", "scorer.name": "el2n", "ray.enabled": True,
+                            "ray.num_cpus_per_actor": (os.cpu_count() or 1) * 50})
+    rc, _, err = _run(["config", "--check", str(job)], capsys)
+    assert rc == 2 and "ray.num_cpus_per_actor" in err and "no actor could ever be placed" in err, err
+
+
+def test_token_budget_smaller_than_every_text(tmp_path, capsys):
+    job = _job(tmp_path, **{"selection.budget": {"unit": "tokens", "amount": 1}, "model.max_length": 64,
+                            "model.proxy": {"train_sample": 30, "vocab_size": 300, "hidden_size": 16,
+                                            "num_layers": 1, "num_heads": 2, "steps": 2, "batch_size": 4}})
+    rc, _, err = _run(["run", str(job), "-q", "--progress", "quiet"], capsys)
+    assert rc == 2 and "less than the shortest text of the pool" in err, err
