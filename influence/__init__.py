@@ -9,6 +9,7 @@ Entry point::
 
 This package reads no files other than model and scorer artifacts and knows nothing of clusters.
 """
+from .compat import check_compatible
 from .curvature import EKFAC, KFAC, Curvature, CurvatureArgs, IdentityCurvature, load_curvature, make_curvature
 from .features import FeatureExtractor, Features
 from .layers import TrackedLayer, find_layers
@@ -33,5 +34,5 @@ __all__ = [
     "register_scorer", "Scorer", "ScorerConfig", "GradientScorer", "GradientConfig", "CurvatureConfig",
     "FeatureExtractor", "Features", "Layout", "LayoutMismatchError", "make_layout", "TrackedLayer",
     "find_layers", "Curvature", "CurvatureArgs", "IdentityCurvature", "KFAC", "EKFAC", "make_curvature",
-    "load_curvature",
+    "load_curvature", "check_compatible",
 ]

@@ -239,3 +239,109 @@ def test_attention_scorer_masks_like_zeroed_queries(case):
     want = im2.per_example_loss(texts)
     np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
     assert np.abs(masked - base).max() > 1e-3
+
+
+# ---------------------------------------------------------------- modules= (e.g. LoRA adapters)
+class _LoraLinear(torch.nn.Module):
+    """A peft-style LoRA wrapper (same module names as peft: base_layer, lora_A.default, lora_B.default)."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4, scaling: float = 2.0) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, base.out_features, bias=False)})
+        torch.nn.init.normal_(self.lora_B["default"].weight, std=0.3)  # peft starts at 0; nonzero to test lora_A
+        self.scaling = scaling
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
+
+
+@pytest.fixture(scope="module")
+def lora_im():
+    im = tiny_arch_influence_model("llama", max_length=20, batch_size=3, seed=3)
+    torch.manual_seed(4)
+    for layer in im.model.model.layers:
+        layer.self_attn.q_proj = _LoraLinear(layer.self_attn.q_proj)
+        layer.self_attn.v_proj = _LoraLinear(layer.self_attn.v_proj)
+    return im
+
+
+def test_modules_select_lora_adapters(lora_im):
+    im = lora_im
+    pats = [r".*\.lora_[AB]\.default"]
+    layers = find_layers(im.model, modules=pats)
+    names = [t.name for t in layers]
+    assert len(names) == 2 * 2 * 2 and all(".lora_A.default" in n or ".lora_B.default" in n for n in names)
+    assert {t.group for t in layers} == {"attention"}
+    fe = FeatureExtractor(im, projection_dim=None, modules=pats)
+    assert [t.name for t in fe.layers] == names
+    feats = fe.compute(CAND + REF, batch_size=3)
+    ref = per_example_reference(im, layers, CAND + REF)  # asserts G == autograd's lora weight.grad
+    want = np.stack([torch.cat([g.reshape(-1) for _, _, g in ex]).numpy() for ex in ref])
+    np.testing.assert_allclose(feats.values, want, atol=1e-5, rtol=1e-4)
+    # scorers take the option; ekfac on the adapters only equals the dense inverse
+    sc = make_scorer("ekfac", im, modules=pats, batch_size=3).fit(FIT).set_reference(REF)
+    assert [t.name for t in sc.layers] == names
+    fit, rr, cand = (per_example_reference(im, layers, t) for t in (FIT, REF, CAND))
+    _close(sc.score(CAND), _dense_inverse_products(rr, fit, cand, layers, "ekfac"), rtol=2e-3)
+    sc = make_scorer("grad-dot", im, modules=[r"model\.layers\.0\.self_attn\.v_proj\.lora_B\.default"])
+    assert [t.name for t in sc.layers] == ["model.layers.0.self_attn.v_proj.lora_B.default"]
+
+
+def test_modules_patterns_and_errors():
+    im = tiny_arch_influence_model("llama", max_length=20)
+    m = im.model
+    got = [t.name for t in find_layers(m, modules=[r".*\.(q|v)_proj", "model.layers.1.mlp.down_proj"])]
+    assert got == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                   "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+                   "model.layers.1.mlp.down_proj"]
+    # a group still restricts; names match whole (a prefix is no match)
+    assert [t.name for t in find_layers(m, "mlp", modules=[r"model\.layers\.1\..*"])] == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="match\\(es\\) no Linear"):
+        find_layers(m, modules=["model.layers.0.self_attn"])
+    with pytest.raises(ValueError, match="match\\(es\\) no Linear"):
+        find_layers(m, modules=[r".*q_proj", r".*lora_A.*"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        find_layers(m, modules=["(unclosed"])
+    with pytest.raises(ValueError, match="not both"):
+        find_layers(m, ["model.layers.0.self_attn.q_proj"], modules=[".*"])
+    with pytest.raises(ValueError, match="no module matches both"):
+        find_layers(m, "mlp", modules=[r".*q_proj"])
+    sc = make_scorer("grad-dot", im, modules=r".*o_proj")  # one string is one pattern
+    assert [t.name for t in sc.layers] == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    # Mixtral: the experts are refused for "all" but modules= picks Linear layers knowingly
+    mx = tiny_arch_influence_model("mixtral", max_length=20).model
+    assert len(find_layers(mx, modules=[r".*self_attn\..*"])) == 8
+
+
+# ---------------------------------------------------------------- check_compatible
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_check_compatible_from_config(model_type):
+    from quadsel.influence.compat import check_compatible
+    from quadsel.influence.testing import tiny_arch_config
+
+    cfg = tiny_arch_config(model_type)  # built on the meta device: no weights
+    for scorer in ("grad-dot", "grad-cos", "kfac", "ekfac", "datainf", "attention", "el2n", "vog", "predictor"):
+        problems = check_compatible(cfg, scorer)
+        if model_type == "mixtral" and scorer not in ("attention", "el2n", "vog"):
+            assert len(problems) == 1 and "experts.gate_up_proj" in problems[0] and "layers='attention'" in problems[0]
+            assert check_compatible(cfg, scorer, layers="attention") == []
+        else:
+            assert problems == [], (scorer, problems)
+    assert "unknown" in check_compatible(cfg, "nope")[0]
+    assert "match(es) no Linear" in check_compatible(cfg, "ekfac", modules=[r".*lora_A.*"])[0]
+
+
+def test_check_compatible_model_dir_and_unsupported(tmp_path):
+    from quadsel.influence.compat import check_compatible
+    from quadsel.influence.testing import tiny_arch_config
+
+    tiny_arch_config("gpt_bigcode").save_pretrained(tmp_path)  # config.json only
+    assert check_compatible(tmp_path, "attention") == []
+    assert check_compatible(str(tmp_path), "ekfac", layers="mlp") == []
+    assert "cannot build" in check_compatible(tmp_path / "missing", "ekfac")[0]
+    # BLOOM with slow_but_exact tensor-parallel slicing bypasses its dense module: refused up front
+    problems = check_compatible(tiny_arch_config("bloom", pretraining_tp=2, slow_but_exact=True), "attention")
+    assert len(problems) == 1 and "slow_but_exact" in problems[0]

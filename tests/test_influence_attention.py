@@ -286,3 +286,33 @@ def test_detection_finds_the_trained_copy_head():
     # retrieval_scores agrees with where the head actually looks
     again = retrieval_scores(model, sc.sites, p, batch_size=8, device=torch.device("cpu"))
     assert again[live] >= 0.9
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_scores_rank_like_fp32(arch):
+    """The score is a small difference of two losses: a bf16 model scores with float32 copies of
+    its weights (compute_dtype="float32", the default) and ranks texts like the fp32 model."""
+    import copy
+
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForCausalLM
+
+    from quadsel.influence.model import InfluenceModel
+    from quadsel.influence.testing import tiny_arch_config
+
+    tok = tiny_tokenizer(max_length=48)
+    cfg = tiny_arch_config(arch, vocab_size=len(tok), hidden=32, layers=2, heads=4, initializer_range=0.02)
+    torch.manual_seed(0)
+    m32 = AutoModelForCausalLM.from_config(cfg).eval()
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in m16.state_dict().items()}
+    texts = random_texts(40, seed=5, min_words=8, max_words=30)
+    heads = [[0, 1], [1, 2]]
+    s32 = make_scorer("attention", InfluenceModel(m32, tok, max_length=48, device="cpu"), heads=heads).score(texts)
+    s16 = make_scorer("attention", InfluenceModel(m16, tok, max_length=48, device="cpu"), heads=heads).score(texts)
+    assert spearmanr(s32, s16)[0] > 0.95
+    after = m16.state_dict()
+    for k, v in before.items():  # the float32 copies are gone: the model is exactly as it was
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    with pytest.raises(ValueError, match="compute_dtype"):
+        make_scorer("attention", InfluenceModel(m16, tok, device="cpu"), heads=heads, compute_dtype="fp64")
