@@ -350,3 +350,20 @@ def test_check_compatible_model_dir_and_unsupported(tmp_path):
     # BLOOM with slow_but_exact tensor-parallel slicing bypasses its dense module: refused up front
     problems = check_compatible(tiny_arch_config("bloom", pretraining_tp=2, slow_but_exact=True), "attention")
     assert len(problems) == 1 and "slow_but_exact" in problems[0]
+
+
+def test_datainf_equals_sherman_morrison(case):
+    """DataInf: w_l = (1/(nλ_l)) Σ_i (v − (g_iᵀv)/(λ_l + ‖g_i‖²) g_i), v = ḡ_ref, λ_l = 0.1·mean‖g_i‖²/d_l."""
+    im = case[0]
+    sc = make_scorer("datainf", im, layers=_layers_of(im), batch_size=3).fit(FIT).set_reference(REF)
+    got = sc.score(CAND)
+    r = _reference_for(case, sc.layers)
+    want = np.zeros(len(CAND))
+    for li, (t, lam) in enumerate(zip(sc.layers, sc.lambdas)):
+        g = torch.stack([ex[li][2].reshape(-1) for ex in r["fit"]])
+        v = torch.stack([ex[li][2].reshape(-1) for ex in r["ref"]]).mean(0)
+        assert lam == pytest.approx(0.1 * float((g * g).sum(1).mean()) / t.numel, rel=1e-5)
+        n = g.shape[0]
+        w = (n * v - ((g @ v) / (lam + (g * g).sum(1))) @ g) / (n * lam)
+        want += np.array([float(ex[li][2].reshape(-1) @ w) for ex in r["cand"]])
+    _close(got, want, rtol=1e-4)
