@@ -83,7 +83,7 @@ def check_compatible(model_or_config: Any, scorer: str, **options: Any) -> list[
     elif scorer == "predictor":
         base = options.get("base", "ekfac")
         base_opts = dict(options.get("base_options") or {})
-        for k in ("layers",):
+        for k in ("layers", "modules"):
             if k in options and k not in base_opts:
                 base_opts[k] = options[k]
         base_cls = scorer_class(base)

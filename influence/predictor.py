@@ -55,12 +55,12 @@ MIN_LABELS = 20  # fewer labelled texts cannot support a fit plus a holdout meas
 MIN_HOLDOUT = 5
 CONTROL_SHUFFLES = 5  # shuffled-label control fits, averaged
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
-_FORWARDED = ("layers", "damping", "damping_mode", "projection_dim", "seed")
+_FORWARDED = ("layers", "modules", "damping", "damping_mode", "projection_dim", "seed")
 
 
 @dataclass
 class PredictorConfig(ScorerConfig):
-    """Options of ``predictor``. ``layers``/``damping``/``damping_mode``/``projection_dim``/``seed``
+    """Options of ``predictor``. ``layers``/``modules``/``damping``/``damping_mode``/``projection_dim``/``seed``
     are forwarded to the base when its config has the field and ``base_options`` does not set it
     (so one job config can switch scorers by name)."""
 
@@ -79,6 +79,7 @@ class PredictorConfig(ScorerConfig):
     standardize: bool = True
     seed: int = 0
     layers: str = "all"
+    modules: list[str] | None = None
     damping: float = 0.1
     damping_mode: Literal["absolute", "relative"] = "relative"
     projection_dim: int | tuple[int, int] | None = None

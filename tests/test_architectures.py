@@ -319,6 +319,9 @@ def test_modules_patterns_and_errors():
     # Mixtral: the experts are refused for "all" but modules= picks Linear layers knowingly
     mx = tiny_arch_influence_model("mixtral", max_length=20).model
     assert len(find_layers(mx, modules=[r".*self_attn\..*"])) == 8
+    # the predictor forwards modules= to its base scorer
+    pred = make_scorer("predictor", im, modules=[r".*o_proj"], base="grad-dot")
+    assert [t.name for t in pred._make_base().layers] == [t.name for t in sc.layers]
 
 
 # ---------------------------------------------------------------- check_compatible
