@@ -268,6 +268,80 @@ def _parquet_bad_ids(tmp, g, mp):
     return {"pool.path": str(p)}, None
 
 
+# -- issue 15: hostile kinds (each a kind of input, not one case)
+
+def _arrow_stream_cut(tmp, g, mp):
+    t = pa.Table.from_pylist(g["base"])
+    sink = pa.OSFile(str(tmp / "cut.arrow"), "wb")
+    w = pa.ipc.new_stream(sink, t.schema)
+    w.write_batch(t.to_batches(max_chunksize=50)[0])
+    sink.close()  # killed writer: no end-of-stream marker
+    return {"pool.path": str(tmp / "cut.arrow")}, {"error": ["cut.arrow", "without its end-of-stream marker"]}
+
+
+def _dangling_symlink(tmp, g, mp):
+    d = tmp / "pool"
+    d.mkdir()
+    _jsonl(d / "a.jsonl", g["base"])
+    import os
+
+    os.symlink(tmp / "gone.jsonl", d / "b.jsonl")
+    return {"pool.path": str(d)}, {"error": ["b.jsonl", "a symlink to", "which does not exist"]}
+
+
+def _dataset_dict_ambiguous(tmp, g, mp):
+    datasets = pytest.importorskip("datasets")
+    d = tmp / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(g["base"][:60]),
+                          "test": datasets.Dataset.from_list(g["base"][60:])}).save_to_disk(str(d))
+    return {"pool.path": str(d)}, {"error": ["dd", "DatasetDict with splits ['train', 'test']", "pool.split"]}
+
+
+def _dataset_dict_split(tmp, g, mp):
+    datasets = pytest.importorskip("datasets")
+    d = tmp / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(g["base"][:60]),
+                          "test": datasets.Dataset.from_list(g["base"][60:])}).save_to_disk(str(d))
+    return {"pool.path": str(d), "pool.split": "train"}, {"rejects": {}, "rows": 60}
+
+
+def _json_array_as_jsonl(tmp, g, mp):
+    p = tmp / "array.jsonl"
+    p.write_text(json.dumps(g["base"], indent=2))
+    return {"pool.path": str(p)}, {"rejects": {}, "rows": BASE_ROWS}
+
+
+def _cr_only(tmp, g, mp):
+    p = tmp / "cr.jsonl"
+    p.write_bytes("".join(json.dumps(r) + "\r" for r in g["base"]).encode())
+    return {"pool.path": str(p)}, {"rejects": {}, "rows": BASE_ROWS}
+
+
+def _symlinked_subfolder(tmp, g, mp):
+    import os
+
+    (tmp / "real").mkdir()
+    _jsonl(tmp / "real" / "b.jsonl", g["base"][50:])
+    (tmp / "pool").mkdir()
+    _jsonl(tmp / "pool" / "a.jsonl", g["base"][:50])
+    os.symlink(tmp / "real", tmp / "pool" / "linked")
+    os.symlink(tmp / "pool", tmp / "real" / "loop")  # and a loop back
+    return {"pool.path": str(tmp / "pool" / "**" / "*.jsonl")}, {"rejects": {}, "rows": BASE_ROWS}
+
+
+def _reserved_columns(tmp, g, mp):
+    p = tmp / "prev.parquet"
+    base = g["base"]
+    pq.write_table(pa.table({"id": [r["id"] for r in base], "text": [r["text"] for r in base],
+                             "quadsel_cluster": pa.array(range(len(base)), pa.int64())}), p)
+    return {"pool.path": str(p)}, {"rejects": {}, "rows": BASE_ROWS}
+
+
+def _duplicate_yaml_key(tmp, g, mp):
+    cfg = dict(g["cfg"], run_dir=str(tmp / "run"))
+    return yaml.safe_dump(cfg) + "seed: 3\n", {"error": ["job.yaml", "key 'seed' is given twice"]}
+
+
 CASES: list[tuple[str, str, Callable]] = [
     ("missing-pool-file", "cluster", _missing_pool),
     ("empty-pool-file", "cluster", _empty_pool_file),
@@ -322,6 +396,28 @@ CASES: list[tuple[str, str, Callable]] = [
     ("bad-ids", "cluster", _row_case([{"id": 1.5, "text": "a"}, {"id": "  ", "text": "b"},
                                       {"id": ["x"], "text": "c"}], rejects={"bad_id": 3})),
     ("different-schemas-across-files", "cluster", _different_schemas),
+    # issue 15: every kind below is found where the input enters (config load, preflight, reader)
+    ("arrow-stream-without-eos", "cluster", _arrow_stream_cut),
+    ("dangling-symlink", "cluster", _dangling_symlink),
+    ("dataset-dict-several-splits", "cluster", _dataset_dict_ambiguous),
+    ("config-duplicate-key", "run", _duplicate_yaml_key),
+    ("config-nan", "run", lambda t, g, m: ({"selection.quad.tau": float("nan")}, {"error": ["selection.quad",
+                                                                                            "tau"]})),
+    ("config-inf", "run", lambda t, g, m: ({"scorer.damping": float("inf")}, {"error": ["scorer.damping",
+                                                                                        "finite number"]})),
+    ("config-negative-seed", "run", lambda t, g, m: ({"seed": -1}, {"error": ["seed", "greater than or equal"]})),
+    ("config-quad-unknown-key", "run", lambda t, g, m: ({"selection.quad.tua": 0.5},
+                                                        {"error": ["selection.quad: unknown key 'tua'"]})),
+    ("device-bogus", "run", lambda t, g, m: ({"model.device": "bogus"}, {"error": ["model.device: 'bogus'"]})),
+    ("several-problems-one-message", "run",
+     lambda t, g, m: ({"model.device": "bogus", "scorer.name": "nope", "cluster.k": 5000},
+                      {"error": ["2 problems found before running", "model.device", "scorer.name"]})),
+    ("dataset-dict-split-chosen", "cluster", _dataset_dict_split),
+    ("json-array-saved-as-jsonl", "cluster", _json_array_as_jsonl),
+    ("cr-only-line-endings", "cluster", _cr_only),
+    ("symlinked-subfolder-and-loop", "cluster", _symlinked_subfolder),
+    ("zero-width-text", "cluster", _row_case([{"id": "zw", "text": "\u200b\u200b"}], rejects={"whitespace_text": 1})),
+    ("reserved-quadsel-columns", "cluster", _reserved_columns),
 ]
 
 
