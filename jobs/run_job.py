@@ -26,9 +26,9 @@ from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
 from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
-from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_table, embed_pool,
-                     model_runtime_key, read_selector_state, read_sources, state_checksum, write_assignments,
-                     write_cluster_summary)
+from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_summary_matches, cluster_table,
+                     embed_pool, model_runtime_key, read_selector_state, read_sources, state_checksum,
+                     write_assignments, write_cluster_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarr
                     lengths: np.ndarray | None, n_rows: int):
     """The selectors' view of the pool (members per cluster, neighbour graph), budget, constants."""
     from quadsel.pipeline.cluster import neighbour_graph
-    from quadsel.selection import Budget, ClusterView, QuadConfig
+    from quadsel.selection import Budget, ClusterView, QuadConfig, members_by_cluster
 
     b = cfg.selection.budget
     if b.amount is not None:
@@ -80,10 +80,8 @@ def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarr
         from .config import ConfigError
 
         raise ConfigError(f"selection.quad: {e}") from None
-    order = np.argsort(assignments, kind="stable")
-    bounds = np.searchsorted(assignments[order], np.arange(len(centroids) + 1))
-    members = [order[bounds[c]:bounds[c + 1]].astype(np.int64) for c in range(len(centroids))]
-    view = ClusterView(members=members, neighbours=neighbour_graph(centroids, quad.gamma), lengths=lengths)
+    view = ClusterView(members=members_by_cluster(assignments, len(centroids)),
+                       neighbours=neighbour_graph(centroids, quad.gamma), lengths=lengths)
     return view, budget, quad
 
 
@@ -230,7 +228,8 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         try:
             verify(ctx.run_dir)
             done = ctx.run_dir / "summary.json"
-            if done.is_file() and read_json(done).get("run_key") == run_key:
+            if (done.is_file() and read_json(done).get("run_key") == run_key
+                    and cluster_summary_matches(ctx, clusters)):
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
                 ctx.discard_pending()  # config.resolved.yaml keeps the config the selection was made with
                 return read_json(ctx.run_dir / "summary.json")

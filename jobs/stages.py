@@ -328,6 +328,23 @@ def cluster_table(store: PoolStore, result: ClusterResult, gamma: float,
     return pa.table(cols)
 
 
+def cluster_summary_matches(ctx: RunContext, result: ClusterResult) -> bool:
+    """Whether ``clusters/summary.parquet`` describes ``result`` (one row per cluster, its sizes).
+    ``quadsel cluster`` with other settings may have rewritten it under a finished selection; the
+    selection's rerun then writes its own tables again instead of answering "already complete"."""
+    path = ctx.run_dir / "clusters" / "summary.parquet"
+    try:
+        sizes = pq.read_table(path, columns=["size"]).column("size").to_numpy()
+    except (OSError, pa.ArrowException, KeyError):
+        return False
+    want = np.bincount(result.assignments, minlength=len(result.centroids))
+    ok = len(sizes) == len(want) and bool(np.array_equal(sizes, want))
+    if not ok:
+        logger.warning("%s does not describe this selection's %d clusters (rewritten by `quadsel cluster` with "
+                       "other settings?); writing the selection's tables again", path, len(want))
+    return ok
+
+
 def write_cluster_summary(ctx: RunContext, table: pa.Table) -> Path:
     path = ctx.run_dir / "clusters" / "summary.parquet"
     with atomic_path(path) as tmp:

@@ -115,3 +115,23 @@ def test_a_diverged_proxy_is_named_not_a_traceback(tmp_path, capsys):
     rc, err = _run(_write(tmp_path / "job.yaml", cfg), capsys)
     assert rc == 2, err
     assert "non-finite score" in err and "model.proxy.lr" in err, err
+
+
+def test_cluster_with_another_k_then_run_again_leaves_a_consistent_run_dir(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    cfg = small_job(tmp_path, method="random")
+    job = _write(tmp_path / "job.yaml", cfg)
+    rc, err = _run(job, capsys)
+    assert rc == 0, err
+    run = tmp_path / "run"
+    shards = {f: Path(f).read_bytes() for f in data_files(run)}
+    capsys.readouterr()
+    assert main(["cluster", str(job), *Q, "--set", "cluster.k=5"]) == 0
+    assert pq.read_metadata(run / "clusters" / "summary.parquet").num_rows == 5
+    rc, err = _run(job, capsys)  # not "already complete": the cluster tables no longer match
+    assert rc == 0, err
+    assert pq.read_metadata(run / "clusters" / "summary.parquet").num_rows == 12
+    assert pq.read_table(run / "clusters" / "assignments.parquet").column("cluster").to_numpy().max() == 11
+    assert {f: Path(f).read_bytes() for f in data_files(run)} == shards
+    verify(run)
