@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from quadsel.pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
+from quadsel.selection import members_by_cluster
 from quadsel.pipeline.progress import Progress
 from quadsel.pipeline.store import PoolStore
 
@@ -40,12 +41,9 @@ class InspectError(ValueError):
 
 # -- top terms ----------------------------------------------------------------------------------
 def _sample_members(assignments: np.ndarray, k: int, sample: int, seed: int) -> list[np.ndarray]:
-    order = np.argsort(assignments, kind="stable")
-    bounds = np.searchsorted(assignments[order], np.arange(k + 1))
     rng = np.random.default_rng([seed, 0x7E4D])
     out = []
-    for c in range(k):
-        members = order[bounds[c]:bounds[c + 1]]
+    for members in members_by_cluster(assignments, k):
         if len(members) > sample:
             members = np.sort(rng.choice(members, size=sample, replace=False))
         out.append(members.astype(np.int64))

@@ -8,9 +8,10 @@ from .base import Selector
 from .baselines import ClusterTopKSelector, RandomSelector, TopKSelector
 from .config import QUAD_PAPER, BaselineConfig, QuadConfig
 from .run import SELECTORS, make_selector, run_selector
-from .types import Budget, ClusterView, Probe, Selection
+from .types import Budget, ClusterView, Probe, Selection, members_by_cluster
 
 __all__ = [
+    "members_by_cluster",
     "QUAD_PAPER",
     "SELECTORS",
     "BaselineConfig",

@@ -38,6 +38,14 @@ class ClusterView:
         return int(sum(len(m) for m in self.members))
 
 
+def members_by_cluster(assignments: np.ndarray, k: int) -> list[np.ndarray]:
+    """Row ids of each of ``k`` clusters (int64, ascending), from one cluster id per row."""
+    assignments = np.asarray(assignments)
+    order = np.argsort(assignments, kind="stable")
+    bounds = np.searchsorted(assignments[order], np.arange(k + 1))
+    return [order[bounds[c]:bounds[c + 1]].astype(np.int64) for c in range(k)]
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much to select: a number of examples, or a number of tokens (never exceeded)."""
