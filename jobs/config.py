@@ -6,11 +6,10 @@ are errors that name the field and say what was expected.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
-
 import math
 import os
+from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -546,7 +546,8 @@ class _Validator:
     def check(self, file: str, line: int, text: Any, raw_id: Any, meta: dict[str, Any]) -> Example | None:
         """An Example for a good row; None (and a reject) for a bad one."""
         if (type(text) is str and 0 < len(text) <= self.max_chars and not text.isspace()
-                and text[0] not in _BLANK and (raw_id is _MISSING or (type(raw_id) is str and raw_id and not raw_id.isspace()))):
+                and text[0] not in _BLANK
+                and (raw_id is _MISSING or (type(raw_id) is str and raw_id and not raw_id.isspace()))):
             return self._accept(file, line, text, text, None if raw_id is _MISSING else raw_id, meta)
         return self._check_slow(file, line, text, raw_id, meta)
 

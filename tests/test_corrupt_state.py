@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import small_job
+
 from quadsel.jobs.cli import main
 from quadsel.jobs.config import load_config
 from quadsel.jobs.run_job import run_selection

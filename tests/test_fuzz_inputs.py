@@ -6,7 +6,6 @@ import io
 import json
 import random
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 import yaml
-
 from conftest import small_job
+
 from quadsel.jobs.cli import main
 from quadsel.pipeline.shards import data_files, verify
 
