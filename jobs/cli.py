@@ -21,6 +21,7 @@ _EPILOG = """examples:
   quadsel inspect runs/my-run --top 30
   quadsel inspect runs/my-run --cluster 12
   quadsel report runs/my-run                 a self-contained runs/my-run/report.html
+  quadsel pack runs/my-run --tokenizer PATH --seq-len 2048   token ids for pre-tokenized trainers
   quadsel config --defaults > job.yaml       a full config with every default
 """
 
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write it (default: RUN_DIR/report.html)")
     _add_common(p)
 
+    from quadsel.pipeline import pack
+
+    p = sub.add_parser("pack", help="tokenize a finished selection into fixed-length sequences",
+                       description=pack.DESCRIPTION)
+    pack.add_arguments(p)
+    _add_common(p)
+
     p = sub.add_parser("config", help="print or check a config",
                        description="Print a complete job config, or check one (--check) without running it.")
     p.add_argument("--defaults", action="store_true", help="every field with its default (pool.path to fill in)")
@@ -111,6 +119,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
     from quadsel.pipeline.ray_runtime import WorkerPoolError
 
+    from quadsel.pipeline.pack import PackError
+    from quadsel.pipeline.shards import ManifestError
     from quadsel.pipeline.store import StoreError
 
     extra: tuple[type[BaseException], ...] = ()
@@ -120,8 +130,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         extra = (SafetensorError,)
     except ImportError:  # pragma: no cover
         pass
-    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, StoreError, OSError,
-            *extra)
+    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, StoreError, PackError,
+            ManifestError, OSError, *extra)
 
 
 def _load(args):
@@ -228,8 +238,15 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from quadsel.pipeline import pack
+
+    print(json.dumps(pack.run(args), indent=2))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "report": cmd_report,
-            "config": cmd_config}
+            "pack": cmd_pack, "config": cmd_config}
 
 
 def _quiet_third_party() -> None:

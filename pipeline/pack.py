@@ -166,23 +166,33 @@ def open_packed(out_dir: str | os.PathLike) -> np.ndarray:
     return data.reshape(-1, index["seq_len"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quadsel.pipeline.pack",
-                                description="Tokenize a finished selection into fixed-length sequences "
-                                            "(numpy memmap train.bin + index.json).")
-    p.add_argument("run_dir")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The packing options, shared by ``quadsel pack`` and ``python -m quadsel.pipeline.pack``."""
+    p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer path or id")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--out", help="output folder (default: RUN_DIR/packed)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--remainder", choices=["drop", "pad"], default="drop")
     p.add_argument("--eos-id", type=int)
+
+
+def run(args: argparse.Namespace) -> dict:
+    return pack_selection(args.run_dir, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
+                          text_column=args.text_column, remainder=args.remainder, eos_id=args.eos_id)
+
+
+DESCRIPTION = "Tokenize a finished selection into fixed-length sequences (numpy memmap train.bin + index.json)."
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quadsel.pipeline.pack", description=DESCRIPTION)
+    add_arguments(p)
     args = p.parse_args(argv)
     from .shards import ManifestError
 
     try:
-        index = pack_selection(args.run_dir, args.tokenizer, seq_len=args.seq_len, out_dir=args.out,
-                               text_column=args.text_column, remainder=args.remainder, eos_id=args.eos_id)
+        index = run(args)
     except (PackError, ManifestError, OSError) as e:
         print(f"pack: error: {e}", file=sys.stderr)
         return 2

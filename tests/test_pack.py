@@ -120,3 +120,16 @@ def test_cli_and_errors(run, tokenizer_dir, tmp_path, capsys):
         pack_selection(run_dir, tokenizer_dir, text_column="body")
     with pytest.raises(PackError, match="seq_len"):
         pack_selection(run_dir, tokenizer_dir, seq_len=0)
+
+
+def test_quadsel_pack_command(run, tokenizer_dir, tmp_path, capsys):
+    from quadsel.jobs.cli import main as quadsel
+
+    run_dir, _ = run
+    assert quadsel(["pack", str(run_dir), "--tokenizer", str(tokenizer_dir), "--seq-len", "8", "--out",
+                    str(tmp_path / "cmd"), "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_len"] == 8
+    assert open_packed(tmp_path / "cmd").shape[1] == 8
+    assert quadsel(["pack", str(tmp_path / "nowhere"), "--tokenizer", str(tokenizer_dir), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quadsel pack: error:") and "no manifest" in err and "Traceback" not in err
