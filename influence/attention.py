@@ -61,7 +61,8 @@ class AttentionConfig(ScorerConfig):
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "model"):
-            raise ValueError(f"scorer 'attention': compute_dtype must be 'float32' or 'model', got {self.compute_dtype!r}")
+            raise ValueError("scorer 'attention': compute_dtype must be 'float32' or 'model', "
+                             f"got {self.compute_dtype!r}")
         if not (0.0 < float(self.head_fraction) <= 1.0):
             raise ValueError(f"scorer 'attention': head_fraction must be in (0, 1], got {self.head_fraction!r}")
         for f in ("probe_prompts", "probe_pairs", "probe_key_tokens", "probe_value_tokens"):
@@ -85,7 +86,7 @@ def float32_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
     if enabled:
         for mod in model.modules():
             for store in (mod._parameters, mod._buffers):
-                for key, t in store.items():
+                for t in store.values():
                     if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                         saved.append((t, t.data))
                         t.data = t.data.float()

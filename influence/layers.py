@@ -14,7 +14,7 @@ Embeddings are never tracked; the output head (``lm_head``) only with ``include_
 projection's use of the shared matrix, not of the embedding lookup). ``layers`` may also be an
 explicit list of module names. A module called twice in one forward pass cannot be tracked.
 ``modules`` (a list of module names or regular expressions, each matched against the whole dotted
-name) restricts the tracked layers further, e.g. ``[r".*lora_[AB]\.default"]`` for the LoRA
+name) restricts the tracked layers further, e.g. ``[r".*lora_[AB]\\.default"]`` for the LoRA
 adapters of a peft model; with ``modules`` any Linear/Conv1D may be chosen (not only attention/MLP
 ones), and every pattern must match at least one of them.
 

@@ -116,13 +116,14 @@ def _dense_inverse_products(ref, fit, cand, layers, kind, damping=0.1):
     """Σ_l <(H_l + λ_l)⁻¹ ḡ_ref,l, g_cand,l> with H_l dense (kfac: S⊗A; ekfac: eigen-corrected)."""
     n_tok = sum(ex[0][0].shape[0] for ex in fit)
     scores = np.zeros(len(cand))
-    for li, t in enumerate(layers):
+    for li in range(len(layers)):
         A = sum(ex[li][0].T @ ex[li][0] for ex in fit) / n_tok
         S = sum(ex[li][1].T @ ex[li][1] for ex in fit) / n_tok
         if kind == "kfac":
             H = torch.kron(S, A)  # row-major vec([out, in])
             # kronfluence's relative damping: 0.1 x the mean Kronecker eigenvalue
-            lam_mean = float(torch.linalg.eigvalsh(S).clamp_min(0).mean() * torch.linalg.eigvalsh(A).clamp_min(0).mean())
+            lam_mean = float(torch.linalg.eigvalsh(S).clamp_min(0).mean()
+                             * torch.linalg.eigvalsh(A).clamp_min(0).mean())
         else:
             ea, qa = torch.linalg.eigh(A)
             es, qs = torch.linalg.eigh(S)
