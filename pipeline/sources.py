@@ -769,7 +769,7 @@ def _guarded(batches: Iterator[pa.RecordBatch], path: Path, what: str) -> Iterat
             _check_batch(rb)
         except StopIteration:
             return
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: corrupt {what} data after row {n}: {e}") from e
         n += rb.num_rows
         yield rb
@@ -789,7 +789,7 @@ def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa
         try:
             pf = pq.ParquetFile(str(path), memory_map=True)
             schema = pf.schema_arrow
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: not a readable Parquet file ({e})") from e
         return schema, _guarded(pf.iter_batches(batch_size=batch_size), path, "Parquet"), pf
     if head.startswith(b"FEA1"):  # Feather v1 has no streaming reader
@@ -797,7 +797,7 @@ def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa
 
         try:
             table = feather.read_table(str(path))
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: not a readable Feather file ({e})") from e
         return table.schema, _guarded(iter(table.to_batches(max_chunksize=batch_size)), path, "Feather"), None
     try:
@@ -818,7 +818,7 @@ def _open_table(path: Path, kind: str, head: bytes, batch_size: int) -> tuple[pa
                                   "the writer was killed or the copy is incomplete); rewrite or re-copy it")
             reader = ipc.open_stream(src)
             batches = _whole_stream(iter(reader), src, path)
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         src.close()
         raise SourceError(f"{path}: not a valid Arrow IPC file or stream ({e})") from e
     except SourceError:
@@ -831,7 +831,10 @@ def _read_table(path: Path, kind: str, head: bytes, v: _Validator) -> Iterator[E
     cfg, file = v.cfg, str(path)
     schema, batches, closable = _open_table(path, kind, head, cfg.batch_size)
     try:
-        names = schema.names
+        try:
+            names = schema.names
+        except UnicodeDecodeError as e:  # a damaged schema message
+            raise SourceError(f"{path}: corrupt schema (a column name is not UTF-8: {e})") from e
         if cfg.text_field not in names:
             raise SourceError(f"{path}: no column {cfg.text_field!r} (text_field); columns found: "
                               f"{', '.join(names) or 'none'}")
