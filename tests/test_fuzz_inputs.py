@@ -52,7 +52,7 @@ def test_config_fuzz_exit_0_or_2(tmp_path, capsys):
     base = {"run_dir": str(tmp_path / "run"), "pool": {"path": str(pool)}, "embed": {"dim": 8},
             "cluster": {"k": 3}, "selection": {"method": "random", "budget": {"amount": 10}},
             "ray": {"enabled": False}}
-    rng = random.Random(1234)
+    rng = random.Random(1234 + SEED_OFFSET)
     t0, n = time.monotonic(), 0
     while time.monotonic() - t0 < TIME_LIMIT_S and n < 150:
         cfg = json.loads(json.dumps(base))
