@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -71,12 +71,14 @@ def _stream(docs: Iterable[bytes], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return stream, st[doc_of] + offs
 
 
-def _codes(stream: np.ndarray, positions: np.ndarray, k_max: int) -> list[np.ndarray]:
-    """Context codes of lengths 0 .. k_max at ``positions``: code_k = code_{k-1} * 257 + s[t-k]."""
-    out = [np.zeros(len(positions), dtype=np.int64)]
+def _codes(stream: np.ndarray, positions: np.ndarray, k_max: int) -> Iterator[np.ndarray]:
+    """Context codes of lengths 0 .. k_max at ``positions``: code_k = code_{k-1} * 257 + s[t-k]
+    (one array alive at a time)."""
+    code = np.zeros(len(positions), dtype=np.int64)
+    yield code
     for k in range(1, k_max + 1):
-        out.append(out[-1] * _BASE + stream[positions - k].astype(np.int64))
-    return out
+        code = code * _BASE + stream[positions - k].astype(np.int64)
+        yield code
 
 
 @dataclass
@@ -92,9 +94,8 @@ class ByteNgramLM:
         stream, pos = _stream(docs, order - 1)
         targets = stream[pos].astype(np.int64)
         lm = cls(order=order, train_bytes=int(len(pos)))
-        codes = _codes(stream, pos, order - 1)
-        for k in range(order):
-            joint = codes[k] * 256 + targets
+        for code in _codes(stream, pos, order - 1):
+            joint = code * 256 + targets
             jk, jc = np.unique(joint, return_counts=True)
             # contexts of the distinct joints: T(h) = distinct joints per context; c(h) = sum of counts
             ctx_of_joint = jk // 256  # codes are >= 0, so floor division recovers code(h)
@@ -113,12 +114,12 @@ class ByteNgramLM:
         hit = keys[i_c] == query
         return np.where(hit, values[i_c], 0)
 
-    def _probs(self, codes: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    def _probs(self, codes: Iterable[np.ndarray], targets: np.ndarray) -> np.ndarray:
         p = np.full(len(targets), 1.0 / 256.0)
-        for k, lv in enumerate(self.levels):
-            c_h = self._lookup(lv.ctx_keys, lv.ctx_total, codes[k]).astype(np.float64)
-            t_h = self._lookup(lv.ctx_keys, lv.ctx_types, codes[k]).astype(np.float64)
-            c_hw = self._lookup(lv.joint_keys, lv.joint_counts, codes[k] * 256 + targets).astype(np.float64)
+        for lv, code in zip(self.levels, codes):
+            c_h = self._lookup(lv.ctx_keys, lv.ctx_total, code).astype(np.float64)
+            t_h = self._lookup(lv.ctx_keys, lv.ctx_types, code).astype(np.float64)
+            c_hw = self._lookup(lv.joint_keys, lv.joint_counts, code * 256 + targets).astype(np.float64)
             seen = c_h > 0
             denom = np.where(seen, c_h + t_h, 1.0)
             p = np.where(seen, (c_hw + t_h * p) / denom, p)
