@@ -11,12 +11,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not an installed package
 
-from bench.quality import METHODS, make_config, run  # noqa: E402
+from bench.quality import make_config, run  # noqa: E402
 from bench.quality.__main__ import main  # noqa: E402
 from bench.quality.config import DEFAULT_METHODS, OTHER_SCORERS  # noqa: E402
 from bench.quality.dsir import _unshard, take_to_budget  # noqa: E402

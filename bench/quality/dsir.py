@@ -44,7 +44,8 @@ def _pool_jsonl(cfg: QualityConfig, pool: PoolData) -> Path:
     """The pool's validated texts as jsonl (``{"text": ...}``), rows in store order."""
     path = Path(cfg.cache_dir) / "dsir" / f"pool-{pool.key}.jsonl"
     if not path.is_file():
-        lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in pool.store.texts(np.arange(len(pool.store)))]
+        texts = pool.store.texts(np.arange(len(pool.store)))
+        lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts]
         atomic_write_bytes(path, "".join(lines).encode("utf-8"))
     return path
 
@@ -97,7 +98,8 @@ def dsir_weights(cfg: QualityConfig, pool: PoolData, target: str) -> DsirWeights
         with open(p, "wb") as fh:
             np.savez(fh, log_weights=log_w, keep=keep)
     atomic_write_json(meta, {"seconds": seconds, "version": version, "rows": n, "kept": int(keep.sum())})
-    logger.info("dsir: weights for %d rows in %.1f s (%d pass the package's length filter)", n, seconds, int(keep.sum()))
+    logger.info("dsir: weights for %d rows in %.1f s (%d pass the package's length filter)",
+                n, seconds, int(keep.sum()))
     return DsirWeights(log_w, keep, seconds, version)
 
 

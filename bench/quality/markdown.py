@@ -42,7 +42,7 @@ def _protocol(cfg: QualityConfig, any_summary: dict[str, Any]) -> list[str]:
         f"tokenizer, the same initialisation per seed, {lm.steps} steps x {lm.batch_size} windows x {lm.seq_len} "
         f"tokens, AdamW lr {lm.lr} (warmup + cosine). Fixed compute: random 2x / 4x see more distinct data in the "
         "same steps, which is what makes them a data multiplier.",
-        f"- DSIR: the official `data-selection` package (HashedNgramDSIR with its defaults: word-punct unigrams + "
+        "- DSIR: the official `data-selection` package (HashedNgramDSIR with its defaults: word-punct unigrams + "
         "bigrams in 10,000 hashed buckets, examples under 100 words filtered), raw = the pool as jsonl, target = "
         "the target's `reference.jsonl`; rows taken in Gumbel top-k order of the log importance weights (as its "
         "`resample` does, the noise seeded by the bench seed) while they fit the same token budget.",

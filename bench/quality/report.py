@@ -105,8 +105,11 @@ def target_section(s: dict[str, Any]) -> list[str]:
     evs = _evaluators(s)
     budget = sum(s["budget_tokens"].values()) / len(s["budget_tokens"])
     pool_tok = sum(s["pool_tokens"].values()) / len(s["pool_tokens"])
-    pool_txt = (f"pool without domain `{s['excluded_domain']}` ({s['pool_rows']:,} docs; evaluated on "
-                f"`{s.get('base_target', t)}`)") if s.get("excluded_domain") else f"full pool ({s.get('pool_rows', 0):,} docs)"
+    if s.get("excluded_domain"):
+        pool_txt = (f"pool without domain `{s['excluded_domain']}` ({s['pool_rows']:,} docs; evaluated on "
+                    f"`{s.get('base_target', t)}`)")
+    else:
+        pool_txt = f"full pool ({s.get('pool_rows', 0):,} docs)"
     out = [f"### Target `{t}`", "",
            f"{pool_txt}. Seeds {s['seeds']} (n = {n}); budget {budget:,.0f} tokens = {budget / pool_tok:.1%} of "
            f"the pool's {pool_tok:,.0f} tokens (proxy tokenizer, mean over seeds). Bits per byte (lower is better); "
@@ -115,11 +118,13 @@ def target_section(s: dict[str, Any]) -> list[str]:
     for e in evs:
         px = _pfx(e)
         out += [f"{EV_LABEL[e]} evaluator:", "",
-                "| method | target bpb | Δ target vs random | mix bpb | Δ mix vs random | × random data (target / mix) |",
+                "| method | target bpb | Δ target vs random | mix bpb | Δ mix vs random "
+                "| × random data (target / mix) |",
                 "|---|---:|---:|---:|---:|---:|"]
         for m in s["methods"]:
             r = rows[m]
-            out.append(f"| {LABEL.get(m, m)} | {_ms(r[px + 'target_bpb'])} | {_ci(r.get(px + 'target_bpb_vs_random'))} | "
+            out.append(f"| {LABEL.get(m, m)} | {_ms(r[px + 'target_bpb'])} | "
+                       f"{_ci(r.get(px + 'target_bpb_vs_random'))} | "
                        f"{_ms(r[px + 'mix_bpb'])} | {_ci(r.get(px + 'mix_bpb_vs_random'))} | "
                        f"{_mult(r[px + 'multiplier_target'])} / {_mult(r[px + 'multiplier_mix'])} |")
         out.append("")
@@ -149,15 +154,18 @@ def target_section(s: dict[str, Any]) -> list[str]:
     for m in s["methods"]:
         sel = rows[m]["selection"]
         if m == "reference":
-            out.append(f"| {LABEL[m]} | (target text) | — | — | — | 0 | — | — | {sel.get('used_tokens') or 0:,.0f} tokens |")
+            out.append(f"| {LABEL[m]} | (target text) | — | — | — | 0 | — | — | "
+                       f"{sel.get('used_tokens') or 0:,.0f} tokens |")
             continue
         calls = sel.get("scorer_calls")
         calls_s = "0" if not calls else f"{calls:,.0f} ({sel.get('scored_share', 0):.1%})"
         out.append(f"| {LABEL.get(m, m)} | {_pct(sel.get('target_domain_share_tokens'))} | "
                    f"{_pct(sel.get('noise_share_tokens'))} / {_pct(sel.get('noise_share_rows'))} | "
-                   f"{_num(sel.get('cluster_entropy_nats'), '{:.2f}')} ({_num(sel.get('cluster_entropy_norm'), '{:.2f}')}) | "
+                   f"{_num(sel.get('cluster_entropy_nats'), '{:.2f}')} "
+                   f"({_num(sel.get('cluster_entropy_norm'), '{:.2f}')}) | "
                    f"{_num(sel.get('clusters_touched'), '{:.0f}')} | {calls_s} | "
-                   f"{_num(sel.get('scoring_seconds_est'), '{:.0f}')} | {_num(sel.get('selection_wall_s'), '{:.1f}')} | "
+                   f"{_num(sel.get('scoring_seconds_est'), '{:.0f}')} | "
+                   f"{_num(sel.get('selection_wall_s'), '{:.1f}')} | "
                    f"{_top(sel.get('domain_mix_tokens') or {})} |")
     out.append("")
     out += _cost_lines(s) + [""] + goals_table(s) + [""]
@@ -209,11 +217,13 @@ def console_table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = []
     for t, s in summaries.items():
         lines.append(f"target {t} (seeds {s['seeds']}): bpb mean ± sd; Δ vs random [95% CI]")
-        lines.append(f"  {'method':22s} {'target bpb':>17s} {'Δ target':>30s} {'mix bpb':>17s} {'Δ mix':>30s} {'scored':>7s}")
+        lines.append(f"  {'method':22s} {'target bpb':>17s} {'Δ target':>30s} {'mix bpb':>17s} {'Δ mix':>30s} "
+                     f"{'scored':>7s}")
         for m in s["methods"]:
             r = s["rows"][m]
             share = r["selection"].get("scored_share")
-            lines.append(f"  {LABEL.get(m, m):22s} {_ms(r['target_bpb']):>17s} {_ci(r.get('target_bpb_vs_random')):>30s} "
+            lines.append(f"  {LABEL.get(m, m):22s} {_ms(r['target_bpb']):>17s} "
+                         f"{_ci(r.get('target_bpb_vs_random')):>30s} "
                          f"{_ms(r['mix_bpb']):>17s} {_ci(r.get('mix_bpb_vs_random')):>30s} {_pct(share):>7s}")
         for e in _evaluators(s):
             if "ng_target_bpb" in s["rows"]["random"] and e == "ngram":

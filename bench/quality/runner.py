@@ -101,7 +101,8 @@ def run_target_seed(cfg: QualityConfig, pool: PoolData, model: SeedModel, target
             docs = [np.asarray(x, dtype=np.int32) for x in encode(load_tokenizer(model.model_dir), reference)]
             texts = list(reference)
             sel = {"selected_rows": len(docs), "used_tokens": int(sum(len(d) for d in docs)),
-                   "budget_tokens": None, "scorer_calls": 0, "scored_share": 0.0, "note": "the target's reference split"}
+                   "budget_tokens": None, "scorer_calls": 0, "scored_share": 0.0,
+                   "note": "the target's reference split"}
         elif selector == "dsir":
             rows, info = select_dsir(cfg, pool, model.lengths, target, base_budget, seed)
             docs = _selection_docs(model, rows)

@@ -30,7 +30,6 @@ def make_fitted_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, nam
     the reference set collapsed to one vector per layer. Returns (scorer, seconds)."""
     from quadsel.influence import InfluenceModel, make_scorer
     from quadsel.influence.base import scorer_class
-
     from quadsel.jobs.config import ScorerConfig
     from quadsel.jobs.models import scorer_kwargs
 

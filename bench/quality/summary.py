@@ -70,14 +70,14 @@ def summarise(cfg: QualityConfig, target: str, per_seed: dict[int, dict[str, Any
                    (("random", 1), ("random-2x", 2), ("random-4x", 4)) if n in rows}
         curve_m = {mult: rows[n][f"{prefix}mix_bpb"]["mean"] for n, mult in
                    (("random", 1), ("random-2x", 2), ("random-4x", 4)) if n in rows}
-        for m, r in rows.items():
+        for r in rows.values():
             r[f"{prefix}multiplier_target"] = data_multiplier(r[f"{prefix}target_bpb"]["mean"], curve_t)
             r[f"{prefix}multiplier_mix"] = data_multiplier(r[f"{prefix}mix_bpb"]["mean"], curve_m)
     pairs = {}
     for a, b in PAIRS:
         if a in vals and b in vals:
-            pairs[f"{a} - {b}"] = {k: paired(vals[a][k], vals[b][k])
-                                   for k in ("target_bpb", "mix_bpb") + (("ng_target_bpb", "ng_mix_bpb") if has_ng else ())}
+            keys = ("target_bpb", "mix_bpb") + (("ng_target_bpb", "ng_mix_bpb") if has_ng else ())
+            pairs[f"{a} - {b}"] = {k: paired(vals[a][k], vals[b][k]) for k in keys}
     scoring = {s: per_seed[s].get("_scoring", {}) for s in seeds}
     evaluators = [e for e, p in EVALUATORS.items() if p == "" or has_ng]
     return {
