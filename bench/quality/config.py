@@ -25,6 +25,8 @@ METHODS: dict[str, tuple[str, str | None, int]] = {
     "cluster-topk-ekfac": ("cluster-topk", "ekfac", 1),
     "quad-ekfac": ("quad", "ekfac", 1),
     "quad-gradcos": ("quad", "grad-cos", 1),
+    # Quad's own greedy rule (allocation: greedy), the selector before the softmax allocation
+    "quad-greedy-ekfac": ("quad-greedy", "ekfac", 1),
     "random-2x": ("random", None, 2),
     "random-4x": ("random", None, 4),
     # DSIR (Xie et al. 2023) with the official `data-selection` package's HashedNgramDSIR

@@ -7,7 +7,7 @@ from .stats import verdict
 from .summary import GOAL_RULES
 
 LABEL = {"random": "random", "topk-ekfac": "topk (ekfac)", "cluster-topk-ekfac": "cluster-topk (ekfac)",
-         "quad-ekfac": "quad (ekfac)", "quad-gradcos": "quad (grad-cos)", "random-2x": "random 2x budget",
+         "quad-ekfac": "quad (ekfac)", "quad-gradcos": "quad (grad-cos)", "quad-greedy-ekfac": "quad greedy (ekfac)", "random-2x": "random 2x budget",
          "random-4x": "random 4x budget", "dsir": "DSIR (data-selection)", "reference": "target reference split"}
 
 

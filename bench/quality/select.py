@@ -56,6 +56,8 @@ def run_method(method: str, pool: PoolData, model: SeedModel, base_budget: int, 
     view, quad = view_quad if view_quad is not None else cluster_view(pool, model, base_budget)
     if mult != 1:  # the quad constants scale with the budget; only random uses multiples
         view, quad = cluster_view(pool, model, budget)
+    if selector_name == "quad-greedy":
+        selector_name, quad = "quad", quad.model_copy(update={"allocation": "greedy"})
     sel = make_selector(selector_name, view, Budget(unit="tokens", amount=int(budget)), seed=seed,
                         config=quad if selector_name == "quad" else None)
     timer = {"score": 0.0}

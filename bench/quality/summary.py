@@ -11,7 +11,7 @@ from .stats import data_multiplier, mean_sd, paired, verdict
 # head-to-head comparisons beyond "every method vs random" (a, b): a - b
 PAIRS = [("quad-ekfac", "topk-ekfac"), ("quad-ekfac", "cluster-topk-ekfac"), ("quad-ekfac", "dsir"),
          ("quad-ekfac", "random-2x"), ("random-2x", "random"), ("quad-gradcos", "quad-ekfac"),
-         ("quad-gradcos", "topk-ekfac")]
+         ("quad-gradcos", "topk-ekfac"), ("quad-ekfac", "quad-greedy-ekfac")]
 SEL_KEYS = ["target_domain_share_tokens", "noise_share_tokens", "noise_share_rows", "cluster_entropy_nats",
             "cluster_entropy_norm", "clusters_touched", "scorer_calls", "scored_share", "scoring_seconds_est",
             "selector_seconds", "used_tokens", "selected_rows", "filled_rows"]
