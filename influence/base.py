@@ -86,9 +86,17 @@ class Scorer(ABC):
         self.is_fitted = not self.needs_fit
         self.has_reference = not self.needs_reference
 
+    # fields of the shared config class this scorer has but does not use (set one: an error)
+    unused_options: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The options this scorer takes (``make_config`` refuses any other)."""
+        return {f.name for f in fields(cls.config_cls)} - cls.unused_options
+
     @classmethod
     def make_config(cls, **kwargs: Any):
-        allowed = {f.name for f in fields(cls.config_cls)}
+        allowed = cls.option_names()
         bad = sorted(set(kwargs) - allowed)
         if bad:
             raise TypeError(f"scorer {cls.name!r}: unknown option(s) {bad}; allowed: {sorted(allowed)}")
@@ -172,7 +180,7 @@ def load_scorer(directory: str | Path, *, device: str | torch.device = "auto",
     cfg = meta["config"]
     if isinstance(cfg.get("projection_dim"), list):
         cfg["projection_dim"] = tuple(cfg["projection_dim"])
-    sc = cls(model, cls.make_config(**cfg))
+    sc = cls(model, cls.config_cls(**cfg))  # the whole saved dataclass, unused fields included
     sc._load_state(d, meta)
     sc.is_fitted = bool(meta.get("is_fitted"))
     sc.has_reference = bool(meta.get("has_reference"))

@@ -286,12 +286,15 @@ def _low_rank(c: torch.Tensor, rank: int, m_in, m_out, slot):
 class GradDotScorer(GradientScorer):
     """TracIn-style: ``<ḡ_ref, g>`` (no curvature)."""
 
+    unused_options = frozenset({"damping", "damping_mode", "fisher"})
+
 
 @register_scorer("grad-cos")
 class GradCosScorer(GradientScorer):
     """LESS-style: mean over the reference of ``cos(P g_ref, P g)``."""
 
     normalize = True
+    unused_options = frozenset({"damping", "damping_mode", "fisher"})
 
 
 @register_scorer("kfac")

@@ -130,10 +130,8 @@ def scorer_kwargs(scfg, seed: int, *, explicit: set[str] | None = None) -> dict:
     default: the fields set in the config) for a scorer without it is an error, as is an unknown
     key in ``scorer.options``.
     """
-    from dataclasses import fields
-
     cls = scorer_class(scfg)
-    allowed = {f.name for f in fields(cls.config_cls)}
+    allowed = cls.option_names()
     kwargs = {"seed": seed} if "seed" in allowed else {}
     for name in _COMMON:
         if name in allowed:

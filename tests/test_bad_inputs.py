@@ -180,6 +180,12 @@ def _scorer_option_it_lacks(tmp, g, mp):
             {"error": ["scorer.damping", "'attention' scorer has no such option", "head_fraction"]})
 
 
+def _scorer_option_it_ignores(tmp, g, mp):
+    # grad-dot has no curvature: a damping given for it would be silently ignored
+    return ({"scorer.name": "grad-dot", "scorer.damping": 0.5},
+            {"error": ["scorer.damping", "'grad-dot' scorer has no such option"]})
+
+
 def _model_path_not_a_model(tmp, g, mp):
     (tmp / "not-a-model").mkdir()
     (tmp / "not-a-model" / "notes.txt").write_text("hello")
@@ -364,6 +370,7 @@ CASES: list[tuple[str, str, Callable]] = [
     ("scorer-unknown-name", "run", _scorer_unknown),
     ("scorer-unknown-option", "run", _scorer_unknown_option),
     ("scorer-option-it-lacks", "run", _scorer_option_it_lacks),
+    ("scorer-option-it-ignores", "run", _scorer_option_it_ignores),
     ("config-unknown-key", "run", _unknown_config_key),
     ("config-unknown-nested-key", "cluster", _unknown_nested_key),
     ("config-wrong-type", "run", _wrong_type_config),

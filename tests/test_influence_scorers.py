@@ -32,8 +32,10 @@ def test_registry():
         make_scorer("nope", tiny_influence_model())
     with pytest.raises(TypeError, match="unknown option"):
         make_scorer("grad-dot", tiny_influence_model(), dampng=0.1)
-    # one job config can switch scorers by name: curvature options are accepted everywhere
-    make_scorer("grad-dot", tiny_influence_model(), damping=0.1, damping_mode="absolute")
+    # an option a scorer would ignore is refused too: grad-dot has no curvature to damp
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['damping', 'damping_mode'\]"):
+        make_scorer("grad-dot", tiny_influence_model(), damping=0.1, damping_mode="absolute")
+    make_scorer("ekfac", tiny_influence_model(), damping=0.1, damping_mode="absolute")
 
 
 def test_register_a_new_scorer():
