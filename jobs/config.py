@@ -83,6 +83,9 @@ class ModelConfig(_Strict):
 class ScorerConfig(_Strict):
     name: str = "ekfac"
     layers: Literal["attention", "mlp", "all"] = "all"
+    modules: list[str] | None = Field(
+        None, description="score only these modules: names or regular expressions of whole dotted module names "
+                          "(e.g. '.*lora_[AB].*' for a peft model's LoRA adapters); none: every layer of `layers`")
     damping: float = Field(0.1, gt=0, description="absolute, or a multiple of the mean eigenvalue (relative)")
     damping_mode: Literal["absolute", "relative"] = "relative"
     projection_dim: int | None = Field(None, gt=0)

@@ -109,7 +109,7 @@ def token_lengths(ctx: RunContext, pool: PoolStore, model_dir: str) -> np.ndarra
 
 
 # ScorerConfig fields passed to every scorer that has an option of that name
-_COMMON = ("layers", "damping", "damping_mode", "projection_dim")
+_COMMON = ("layers", "modules", "damping", "damping_mode", "projection_dim")
 
 
 def scorer_class(scfg):

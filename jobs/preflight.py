@@ -191,7 +191,9 @@ def config_problems(cfg: JobConfig, command: str = "run") -> list[str]:
                    f"{os.cpu_count()} CPUs (Ray is started locally): no actor could ever be placed")
     if command == "run" and cfg.selection.method != "random":
         try:
-            scorer_kwargs(cfg.scorer, cfg.seed)
+            kwargs = scorer_kwargs(cfg.scorer, cfg.seed)
+            if cfg.model.path is not None and not any(p.startswith("model.path") for p in out):
+                out += _compatibility_problems(cfg, kwargs)
             if cfg.reference is None and scorer_class(cfg.scorer).needs_reference:
                 out.append(f"reference: the {cfg.scorer.name!r} scorer needs a reference set (set "
                            "reference.path), or use selection.method=random or a scorer without one "
@@ -199,6 +201,19 @@ def config_problems(cfg: JobConfig, command: str = "run") -> list[str]:
         except JobError as e:
             out.append(str(e))
     return out
+
+
+def _compatibility_problems(cfg: JobConfig, kwargs: dict[str, Any]) -> list[str]:
+    """What stops the scorer on ``model.path``'s architecture (from its config alone, no weights
+    loaded). A model that cannot even be built here to check (e.g. a hub id that needs remote
+    code) is left to the run, with a warning."""
+    from quadsel.influence import check_compatible
+
+    found = check_compatible(cfg.model.path, cfg.scorer.name, **kwargs)
+    unknown = [p for p in found if p.startswith("cannot build the model")]
+    for p in unknown:
+        logger.warning("model.path: %s; the scorer's compatibility is checked when the model loads", p)
+    return [f"scorer: {p}" for p in found if p not in unknown]
 
 
 def pool_problems(cfg: JobConfig, n_rows: int, command: str = "run") -> list[str]:

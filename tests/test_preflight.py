@@ -228,3 +228,42 @@ def test_token_budget_smaller_than_every_text(tmp_path, capsys):
                                             "num_layers": 1, "num_heads": 2, "steps": 2, "batch_size": 4}})
     rc, _, err = _run(["run", str(job), "-q", "--progress", "quiet"], capsys)
     assert rc == 2 and "less than the shortest text of the pool" in err, err
+
+
+def test_an_unsupported_architecture_is_refused_before_any_stage(tmp_path, capsys):
+    """Mixtral's experts are 3-D weights the gradient scorers cannot track: with layers=all that
+    is one line up front, naming them, before the pool is even read."""
+    from quadsel.influence.testing import tiny_arch_config
+
+    m = tmp_path / "mixtral"
+    m.mkdir()
+    (m / "config.json").write_text(tiny_arch_config("mixtral").to_json_string())
+    quad = {"selection.method": "quad", "reference.path": str(_pool(tmp_path))}
+    job = _job(tmp_path, **{"model.path": str(m), "scorer.layers": "all", **quad})
+    rc, _, err = _run(["run", str(job), "--no-ray", "-q"], capsys)
+    assert rc == 2 and "scorer: " in err and "experts" in err, err
+    assert not (tmp_path / "run" / "stages").exists()
+    job = _job(tmp_path, **{"model.path": str(m), "scorer.layers": "attention", **quad})
+    rc, _, err = _run(["config", "--check", str(job)], capsys)
+    assert "experts" not in err and "scorer: " not in err, err
+
+
+def test_scorer_modules_from_the_config_reach_the_scorer(tmp_path, capsys):
+    from quadsel.influence.testing import tiny_arch_config
+    from quadsel.jobs.config import load_config
+    from quadsel.jobs.models import scorer_kwargs
+
+    m = tmp_path / "llama"
+    m.mkdir()
+    (m / "config.json").write_text(tiny_arch_config("llama").to_json_string())
+    quad = {"selection.method": "quad", "reference.path": str(_pool(tmp_path)), "model.path": str(m)}
+    job = _job(tmp_path, **quad, **{"scorer.modules": [r".*\.q_proj"]})
+    assert scorer_kwargs(load_config(str(job), []).scorer, 0)["modules"] == [r".*\.q_proj"]
+    rc, _, err = _run(["config", "--check", str(job)], capsys)
+    assert "scorer: " not in err, err
+    job = _job(tmp_path, **quad, **{"scorer.modules": ["no_such_module"]})
+    rc, _, err = _run(["config", "--check", str(job)], capsys)
+    assert rc == 2 and "scorer: " in err and "no_such_module" in err, err
+    job = _job(tmp_path, **quad, **{"scorer.modules": ["x"], "scorer.name": "attention"})
+    rc, _, err = _run(["config", "--check", str(job)], capsys)
+    assert rc == 2 and "scorer.modules" in err and "no such option" in err, err
