@@ -15,7 +15,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_DIR ?= demo-run
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean-demo
+.PHONY: demo test test-fast lint install install-test clean-demo
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -59,6 +59,20 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test $(VENV)/.chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: everything but the end-to-end crash / Ray-fault / concurrency / bench suites
+# (marked slow), stopping at the first failure. CI runs the whole suite through `make test`.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -x -m "not slow" $(PYTEST_ARGS)
+
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(PIP) install -e ".[lint]"
+	@touch $@
+
+# ruff (pyproject [tool.ruff]) over the whole tree, mypy over the public API
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

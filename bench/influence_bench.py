@@ -291,7 +291,7 @@ def accuracy(args) -> int:
             table.append((name, base_kw, label, rho))
             print(name, base_kw, label, f"{rho:.3f}", flush=True)
     lines = ["### Influence accuracy: cheap variants vs exact (proxy model, bench pool)\n",
-             f"Command: `python -m bench.influence_bench --accuracy`  ",
+             "Command: `python -m bench.influence_bench --accuracy`  ",
              f"Proxy: `build_proxy_model` defaults on 5,000 pool documents ({t_proxy:.0f}s here; "
              "~0 when reused via --proxy-dir). 100 pool documents fit the curvature, reference = first 20 of "
              "targets/gsm8k/reference.jsonl, 200 pool candidates, max_length 128. Spearman of each "

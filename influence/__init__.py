@@ -9,6 +9,7 @@ Entry point::
 
 This package reads no files other than model and scorer artifacts and knows nothing of clusters.
 """
+from . import attention, datainf, predictor, trajectory  # noqa: E402,F401  - register the other scorers
 from .compat import check_compatible
 from .curvature import EKFAC, KFAC, Curvature, CurvatureArgs, IdentityCurvature, load_curvature, make_curvature
 from .features import FeatureExtractor, Features
@@ -27,7 +28,6 @@ from .scorers import (
     make_scorer,
     register_scorer,
 )
-from . import attention, datainf, predictor, trajectory  # noqa: E402,F401  - register the other scorers
 
 __all__ = [
     "InfluenceModel", "build_proxy_model", "make_scorer", "load_scorer", "available_scorers",

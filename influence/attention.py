@@ -153,7 +153,8 @@ class AttentionInfluenceScorer(Scorer):
 
     # -------------------------------------------------------------- score
     @torch.no_grad()
-    def losses(self, texts: Sequence[str], heads: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def losses(self, texts: Sequence[str],
+               heads: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(L_base, L_masked)`` per text (float64, input order); ``heads`` default: the selected ones."""
         from quadsel.pipeline.progress import Progress
 
@@ -169,7 +170,8 @@ class AttentionInfluenceScorer(Scorer):
                 lb = im.summed_loss(im.logits(b), b.input_ids, b.attention_mask)
                 base[b.index] = lb.double().cpu().numpy()
                 if heads:
-                    lm = im.summed_loss(hm.logits(im.model, b.input_ids, b.attention_mask), b.input_ids, b.attention_mask)
+                    logits = hm.logits(im.model, b.input_ids, b.attention_mask)
+                    lm = im.summed_loss(logits, b.input_ids, b.attention_mask)
                     masked[b.index] = lm.double().cpu().numpy()
                 else:
                     masked[b.index] = base[b.index]

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 # ====================================================================== sites
 # Where a layer's value vectors sit in its value projection's output (``[..., out]``):
 #   "split":   a separate v projection: ``[n_kv, d]`` (Llama, Mistral, Qwen, Gemma, Phi, OPT, GPT-J, OLMo, ...)

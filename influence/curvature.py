@@ -78,8 +78,9 @@ class Curvature(ABC):
         pass
 
     def save(self, directory: str | Path) -> None:
-        from quadsel.pipeline.atomic import atomic_path, atomic_write_text, canonical_json
         from safetensors.torch import save_file
+
+        from quadsel.pipeline.atomic import atomic_path, atomic_write_text, canonical_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,8 @@ class InfluenceModel:
 
     def describe(self) -> dict:
         return {"source": self.source, "max_length": self.max_length, "batch_size": self.batch_size,
-                "dtype": str(self.dtype).replace("torch.", ""), "model_type": getattr(self.model.config, "model_type", None)}
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "model_type": getattr(self.model.config, "model_type", None)}
 
     def _pick_fill_id(self) -> int:
         tok = self.tokenizer

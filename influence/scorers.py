@@ -232,8 +232,9 @@ class GradientScorer(Scorer):
                 "reference_size": self.reference_size}
 
     def _save_state(self, directory: Path) -> None:
-        from quadsel.pipeline.atomic import atomic_path
         from safetensors.torch import save_file
+
+        from quadsel.pipeline.atomic import atomic_path
 
         self.curvature.save(directory)
         if not self.has_reference:

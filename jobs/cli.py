@@ -110,18 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from quadsel.pipeline.lock import RunLockedError
+    from quadsel.pipeline.pack import PackError
+
+    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
+    from quadsel.pipeline.ray_runtime import WorkerPoolError
+    from quadsel.pipeline.shards import ManifestError
     from quadsel.pipeline.sources import SourceError
+    from quadsel.pipeline.store import StoreError
 
     from .config import ConfigError
     from .inspect import InspectError
     from .stages import JobError
-
-    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
-    from quadsel.pipeline.ray_runtime import WorkerPoolError
-
-    from quadsel.pipeline.pack import PackError
-    from quadsel.pipeline.shards import ManifestError
-    from quadsel.pipeline.store import StoreError
 
     extra: tuple[type[BaseException], ...] = ()
     try:  # a truncated weights file (model folder or saved scorer): not an OSError

@@ -13,8 +13,16 @@ from quadsel.pipeline.lock import RunLock
 from quadsel.pipeline.progress import run_log
 
 from .config import JobConfig
-from .stages import (MODEL_EMBEDDERS, RunContext, cluster_pool, cluster_table, embed_pool, read_sources,
-                     write_assignments, write_cluster_summary)
+from .stages import (
+    MODEL_EMBEDDERS,
+    RunContext,
+    cluster_pool,
+    cluster_table,
+    embed_pool,
+    read_sources,
+    write_assignments,
+    write_cluster_summary,
+)
 
 logger = logging.getLogger(__name__)
 

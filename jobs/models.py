@@ -16,11 +16,10 @@ import numpy as np
 
 from quadsel.pipeline import faults
 from quadsel.pipeline.atomic import stable_hash
+from quadsel.pipeline.embed import sample_rows
 from quadsel.pipeline.progress import Progress
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
-
-from quadsel.pipeline.embed import sample_rows
 
 from .stages import JobError, RunContext
 
@@ -115,7 +114,8 @@ _COMMON = ("layers", "modules", "damping", "damping_mode", "projection_dim")
 def scorer_class(scfg):
     """The registered scorer class of ``scorer.name`` (a JobError naming the choices otherwise)."""
     import quadsel.influence  # noqa: F401 - registers every scorer
-    from quadsel.influence.base import available_scorers, scorer_class as registered
+    from quadsel.influence.base import available_scorers
+    from quadsel.influence.base import scorer_class as registered
 
     cls = registered(scfg.name)
     if cls is None:

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from quadsel.pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
-from quadsel.selection import members_by_cluster
 from quadsel.pipeline.progress import Progress
 from quadsel.pipeline.store import PoolStore
+from quadsel.selection import members_by_cluster
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,25 @@ from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, s
 from quadsel.pipeline.lock import RunLock
 from quadsel.pipeline.progress import Progress, run_log
 from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify, write_order
-from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
 from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
-from .stages import (MODEL_EMBEDDERS, JobError, RunContext, cluster_pool, cluster_summary_matches, cluster_table,
-                     embed_pool, model_runtime_key, read_selector_state, read_sources, state_checksum,
-                     write_assignments, write_cluster_summary)
+from .stages import (
+    MODEL_EMBEDDERS,
+    JobError,
+    RunContext,
+    cluster_pool,
+    cluster_summary_matches,
+    cluster_table,
+    embed_pool,
+    model_runtime_key,
+    read_selector_state,
+    read_sources,
+    state_checksum,
+    write_assignments,
+    write_cluster_summary,
+)
 
 logger = logging.getLogger(__name__)
 

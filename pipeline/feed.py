@@ -153,7 +153,7 @@ class ShardIterableDataset(IterableDataset):
             detected = _dist_rank_world()
             if detected is not None:
                 rank, world_size = detected
-        if world_size is not None and not 0 <= int(rank) < int(world_size):
+        if rank is not None and world_size is not None and not 0 <= int(rank) < int(world_size):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.rank, self.world_size = rank, world_size
         self.shuffle = shuffle
@@ -211,7 +211,7 @@ class ShardIterableDataset(IterableDataset):
 
     # -- iteration
     def _rank_world(self) -> tuple[int, int]:
-        if self.rank is None:  # not known at construction: ask now (main process / num_workers=0)
+        if self.rank is None or self.world_size is None:  # not known at construction: ask now
             return _dist_rank_world() or (0, 1)
         return int(self.rank), int(self.world_size)
 

@@ -248,7 +248,8 @@ class RayPool:
         if num_gpus is None:
             num_gpus = 1.0 if gpus >= 1 else 0.0
         if num_actors is None:
-            num_actors = int(gpus) if num_gpus and gpus else max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
+            cpus = ray.cluster_resources().get("CPU", 1)
+            num_actors = int(gpus) if num_gpus and gpus else max(1, int(cpus // num_cpus))
         self.num_actors = num_actors
         self.chunk_size = chunk_size
         self.max_chunk_attempts = max_chunk_attempts

@@ -376,7 +376,7 @@ class _Lock:
         except OSError:
             os.close(self.fd)
             self.fd = None
-            raise ManifestError(f"another writer is writing {run_dir} (lock {self.path} held)")
+            raise ManifestError(f"another writer is writing {run_dir} (lock {self.path} held)") from None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -535,12 +535,11 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
         elif self._state == "open":
             self.close()
-        return False
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:
         """Append rows; shards are cut at ``max_rows`` / ``max_bytes``."""
@@ -650,6 +649,7 @@ class ShardWriter:
             self._open_shard()
         table = pa.concat_tables(self._pending).combine_chunks()
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        assert self._open is not None
         writer = self._open[1]
         if self.cfg.format == "arrow":
             writer.write_table(table)

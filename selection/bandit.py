@@ -78,7 +78,7 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -207,7 +207,7 @@ class QuadSelector(Selector):
         shrink = self.wn_sum / (self.wn_sum + kappa)
         return np.where(self.w_sum > 0, z * shrink, 0.0)
 
-    def _cluster_cost(self, rows_of: "callable") -> np.ndarray:
+    def _cluster_cost(self, rows_of: Callable[[int], np.ndarray]) -> np.ndarray:
         out = np.zeros(len(self.sizes), dtype=np.float64)
         for c in range(len(self.sizes)):
             rows = rows_of(c)
@@ -298,7 +298,7 @@ class QuadSelector(Selector):
         unknown = self.unknown() & ok
         picks = [int(c) for c in self.priority[unknown[self.priority]][:arms]]
         flags = [True] * len(picks)
-        cs_at = [None] * len(picks)
+        cs_at: list[float | None] = [None] * len(picks)
         if len(picks) < arms:
             cs = self.cluster_scores()
             known_ok = ok & ~self.unknown()

@@ -50,10 +50,12 @@ class BudgetTracker:
         return self.budget.amount - self.used
 
     def cost(self, row: int) -> int:
-        return 1 if self.budget.unit == "examples" else int(self.lengths[row])
+        if self.budget.unit == "examples" or self.lengths is None:  # validate_view: tokens need lengths
+            return 1
+        return int(self.lengths[row])
 
     def costs(self, rows: np.ndarray) -> np.ndarray:
-        if self.budget.unit == "examples":
+        if self.budget.unit == "examples" or self.lengths is None:
             return np.ones(len(rows), dtype=np.int64)
         return self.lengths[np.asarray(rows, dtype=np.int64)]
 

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import small_job
+
 from quadsel.jobs.cli import main
 from quadsel.pipeline.shards import data_files, verify
 

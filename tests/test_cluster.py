@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from quadsel.pipeline.cluster import (ClusterConfig, ClusterResult, assign, cluster_store, fit_kmeans, gpu_usable,
-                              neighbour_graph, representatives)
+from quadsel.pipeline.cluster import (
+    ClusterConfig,
+    ClusterResult,
+    assign,
+    cluster_store,
+    fit_kmeans,
+    gpu_usable,
+    neighbour_graph,
+    representatives,
+)
 from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, make_embedder
 
 K = 30

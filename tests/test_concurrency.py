@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, small_job
+
 from quadsel.jobs.cli import main
 from quadsel.pipeline.shards import data_files, verify
 
@@ -78,7 +78,7 @@ def test_two_runs_into_different_directories_at_once(tmp_path):
     for name in JOBS:
         _job(tmp_path / f"parallel-{name}", tmp_path, name)
         procs[name] = _start(tmp_path / f"parallel-{name}")
-    for name, proc in procs.items():
+    for proc in procs.values():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     for name in JOBS:

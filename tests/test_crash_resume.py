@@ -4,7 +4,8 @@ The driver is a subprocess (``python -m jobs.cli run job.yaml``) killed by the f
 (``QUADSEL_FAULT=point:n``, ``pipeline.faults``): SIGKILL at the n-th time it reaches a named
 point, so no ``finally`` or atexit runs, exactly as with ``kill -9``. Points cover sources
 (mid-read), embed (mid-stage), cluster, proxy training, scorer fit, every part of a
-bandit round (mid-scoring, before / after the state is saved), shard writing (between shards, inside the commit) and the summary. The hit counts n are drawn from a
+bandit round (mid-scoring, before / after the state is saved), shard writing (between shards,
+inside the commit) and the summary. The hit counts n are drawn from a
 seeded RNG within each point's range; a run killed at one point is resumed into the next kill,
 so one chain visits them all at the cost of about one full run, and the final resume must give
 a manifest and shards byte-identical to an uninterrupted run. After every kill the run
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, small_job
+
 from quadsel.jobs.cli import main
 from quadsel.pipeline.shards import data_files, recover, verify
 
@@ -133,7 +134,7 @@ def test_kill_at_seeded_points_in_every_stage_then_resume(reference, tmp_path):
         _kill_at(root, point, n)
         killed.append(f"{point}:{n}")
     # the bandit: the hit count is per process, drawn within the rounds still to do
-    for point, extra in (("score.call", 0), ("round.before_save", 0), ("round.saved", 0)):
+    for point in ("score.call", "round.before_save", "round.saved"):
         left = total_rounds - _rounds_done(root / "run")
         assert left >= 1
         n = rng.randint(1, max(1, min(left - 1, 2)))

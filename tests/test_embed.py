@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from quadsel.pipeline.embed import (EmbedConfig, Embedder, EmbeddingStore, EmbeddingStoreError, embed_batches,
-                            load_embedder, make_embedder, sample_rows)
+from quadsel.pipeline.embed import (
+    EmbedConfig,
+    Embedder,
+    EmbeddingStore,
+    EmbeddingStoreError,
+    embed_batches,
+    load_embedder,
+    make_embedder,
+    sample_rows,
+)
 
 WORDS = ("the river runs past old mills and quiet farms while children play near the bridge "
          "markets open early traders sell bread fish cheese and apples to busy crowds").split()

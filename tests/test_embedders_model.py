@@ -51,7 +51,7 @@ def direct_mean_pool(model_dir: Path, texts: list[str], layer: int) -> np.ndarra
 
 
 def test_registry_loads_model_embedders_lazily():
-    assert EMBEDDERS["hidden"].startswith("quadsel.influence.") and EMBEDDERS["gradient"].startswith("quadsel.influence.")
+    assert all(EMBEDDERS[k].startswith("quadsel.influence.") for k in ("hidden", "gradient"))
     with pytest.raises(ValueError, match="embed.model is not set"):
         make_embedder(EmbedConfig(kind="gradient"))
     c = EmbedConfig(kind="hidden").with_default_model("/models/proxy")

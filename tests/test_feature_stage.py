@@ -9,8 +9,14 @@ import pytest
 
 from quadsel.pipeline.cluster import ClusterConfig, cluster_store
 from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, load_embedder
-from quadsel.pipeline.feature_stage import (DONE_SUFFIX, compute_features, embedder_fingerprint, plan_chunks,
-                                    prepare_embedder, run_feature_stage)
+from quadsel.pipeline.feature_stage import (
+    DONE_SUFFIX,
+    compute_features,
+    embedder_fingerprint,
+    plan_chunks,
+    prepare_embedder,
+    run_feature_stage,
+)
 from quadsel.pipeline.sources import Example
 from quadsel.pipeline.store import PoolStore
 

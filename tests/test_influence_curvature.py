@@ -25,7 +25,7 @@ def dense_covariances(im, layers, texts):
         xs, outs = {}, {}
         handles = []
         for i, mod in enumerate(mods):
-            def fh(m, inp, out, i=i):
+            def fh(m, inp, out, i=i, xs=xs, outs=outs):
                 xs[i] = inp[0].detach()
                 out.retain_grad()
                 outs[i] = out

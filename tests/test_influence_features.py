@@ -72,7 +72,7 @@ def test_projected_features_are_factored_projections_of_exact(im):
     fe = FeatureExtractor(im, projection_dim=(5, 7), seed=11)
     proj = fe.compute(texts)
     pr = Projector(fe.layout)
-    for s_exact, s in zip(exact.layout.slots, fe.layout.slots):
+    for s in fe.layout.slots:
         g = torch.from_numpy(exact.layer_block(s.name).copy())
         want = torch.stack([pr.project_matrix(s, gi) for gi in g]).numpy()
         np.testing.assert_allclose(proj.layer_block(s.name), want, atol=1e-4, rtol=1e-3)

@@ -68,7 +68,7 @@ def _dataset(im, texts, length):
 def _conv1d_to_linear(model):
     from transformers.pytorch_utils import Conv1D
 
-    for name, mod in list(model.named_modules()):
+    for _name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, Conv1D):
                 lin = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from quadsel.influence import Scorer, ScorerConfig, load_scorer, make_scorer, register_scorer
+from quadsel.influence import Scorer, ScorerConfig, make_scorer, register_scorer
 from quadsel.influence.predictor import MIN_LABELS, PredictorScorer, fit_regressor, forward_features
 from quadsel.influence.testing import random_texts, tiny_influence_model
 
@@ -40,8 +40,8 @@ def fitted(llama):
 
 
 def test_features_match_hidden_embedder_and_loss(im):
-    from quadsel.pipeline.embed.base import EmbedConfig
     from quadsel.influence.embedders import HiddenStateEmbedder
+    from quadsel.pipeline.embed.base import EmbedConfig
 
     texts = _pool(9, seed=1) + [""]
     for layer in (-1, 1):

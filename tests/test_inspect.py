@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import small_job
 from rich.console import Console
 
-from conftest import small_job
 from quadsel.jobs.cli import main
 from quadsel.jobs.config import JobConfig
 from quadsel.jobs.inspect import InspectError, cluster_members, inspect_cluster, inspect_clusters

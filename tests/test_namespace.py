@@ -52,8 +52,8 @@ def test_version_and_cli_version():
 def test_loggers_are_named_after_their_modules():
     import logging
 
-    import quadsel.pipeline.cluster  # noqa: F401
     import quadsel.influence.scorers  # noqa: F401
+    import quadsel.pipeline.cluster  # noqa: F401
 
     assert "quadsel.pipeline.cluster" in logging.root.manager.loggerDict
     assert "quadsel.influence.scorers" in logging.root.manager.loggerDict

@@ -52,8 +52,8 @@ def test_nested_steps_log_at_debug(mode, caplog):
 def test_a_job_runs_in_pretty_mode(tmp_path, monkeypatch):
     """`quadsel run --progress pretty`: the scorer's bars nest in the job's select bar."""
     import yaml
-
     from conftest import small_job
+
     from quadsel.jobs.cli import main
 
     cfg = small_job(tmp_path)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import small_job
+
 from quadsel.jobs.cli import main
 from quadsel.pipeline.ray_runtime import LOCAL, RayConnectError, check_reachable, connect, resolve_address
 

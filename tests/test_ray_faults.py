@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
-
 from conftest import small_job
+
 from quadsel.jobs.config import JobConfig
 from quadsel.pipeline.shards import data_files, verify
 

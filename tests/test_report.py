@@ -8,11 +8,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_inspect import shared_runs
 
 from quadsel.jobs.cli import main
 from quadsel.jobs.report import SECTIONS, ReportError, build_report, write_report
 from quadsel.jobs.report_data import InspectError
-from test_inspect import shared_runs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

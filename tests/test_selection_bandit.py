@@ -17,7 +17,6 @@ from quadsel.selection import (
     run_selector,
 )
 
-
 # ---- synthetic pools --------------------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import small_job
+
 from quadsel.jobs.config import JobConfig
 from quadsel.jobs.run_job import run_selection
 from quadsel.pipeline.shards import data_files, write_order

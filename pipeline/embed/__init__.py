@@ -8,8 +8,7 @@
   gradients) live in :mod:`influence.embedders` and are imported by kind on first use
 - :mod:`.store`  ``embed_batches`` (stream -> shards) and ``EmbeddingStore`` (memory-mapped reads)
 """
-from .base import (EmbedConfig, Embedder, WhitenConfig, l2_normalize, load_embedder, make_embedder,
-                   sample_rows)
+from .base import EmbedConfig, Embedder, WhitenConfig, l2_normalize, load_embedder, make_embedder, sample_rows
 from .store import EmbeddingStore, EmbeddingStoreError, embed_batches
 
 __all__ = [
