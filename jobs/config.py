@@ -174,10 +174,16 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _seeds(self) -> "JobConfig":
+        """``seed`` is the seed of the whole run: the embed and cluster sections take it unless
+        their own ``seed`` is set (every other stage derives its randomness from it already)."""
         bad = [f"{name}.seed" for name, sec in (("embed", self.embed), ("cluster", self.cluster))
                if isinstance(getattr(sec, "seed", 0), int) and getattr(sec, "seed", 0) < 0]
         if bad:
             raise ValueError(f"{', '.join(bad)}: seeds must be >= 0")
+        for name in ("embed", "cluster"):
+            sec = getattr(self, name)
+            if "seed" not in sec.model_fields_set:
+                object.__setattr__(self, name, sec.model_copy(update={"seed": self.seed}))
         return self
 
 

@@ -93,3 +93,27 @@ def test_console_script_installed():
                          text=True, check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["pool"]["path"] == "path/to/pool.jsonl" and cfg["scorer"]["name"] == "ekfac"
+
+
+def test_the_run_seed_seeds_embedding_and_clustering(tmp_path):
+    """`seed` is the seed of the run: changing it changes the clustering too, unless a section
+    sets its own; the resolved config says which seed each stage used."""
+    import numpy as np
+
+    from conftest import small_job
+    from quadsel.jobs.cluster_job import run_cluster
+
+    assert load_config(None, ["pool.path=x", "seed=7"]).cluster.seed == 7
+    assert load_config(None, ["pool.path=x", "seed=7", "cluster.seed=3"]).cluster.seed == 3
+    assert yaml.safe_load(dump_config(load_config(None, ["pool.path=x", "seed=5"])))["embed"]["seed"] == 5
+
+    def assignments(seed):
+        cfg = small_job(tmp_path, seed=seed, run_dir=str(tmp_path / f"run{seed}"))
+        run_cluster(JobConfig.model_validate(cfg))
+        import pyarrow.parquet as pq
+
+        return np.asarray(pq.read_table(tmp_path / f"run{seed}" / "clusters" / "assignments.parquet")
+                          .column("cluster").to_pylist())
+
+    a0, a0_again, a1 = assignments(0), assignments(0), assignments(1)
+    assert np.array_equal(a0, a0_again) and not np.array_equal(a0, a1)
