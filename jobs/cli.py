@@ -234,6 +234,10 @@ def cmd_config(args) -> int:
     else:
         cfg = load_config(None, args.overrides, base={"pool": {"path": "path/to/pool.jsonl"}})
     sys.stdout.write(dump_config(cfg))
+    if args.defaults:
+        from .config import open_sections_reference
+
+        sys.stdout.write(open_sections_reference())
     return 0
 
 

@@ -7,6 +7,7 @@ are errors that name the field and say what was expected.
 from __future__ import annotations
 
 import math
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -316,3 +317,27 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 def dump_config(cfg: JobConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def open_sections_reference() -> str:
+    """YAML comments listing what ``selection.quad`` and ``scorer.options`` take: every field of
+    the selectors' QuadConfig and every registered scorer's own options, with their defaults."""
+    import dataclasses
+
+    import quadsel.influence  # noqa: F401 - registers every scorer
+    from quadsel.influence.base import available_scorers, scorer_class
+    from quadsel.selection import QuadConfig
+
+    common = set(ScorerConfig.model_fields) | {"seed"}
+    lines = ["", "# selection.quad: any field of QuadConfig; those not set are scaled to the pool and the",
+             "# budget (QuadConfig.scaled, see the README); the values below are the unscaled defaults."]
+    for name, f in QuadConfig.model_fields.items():
+        lines.append(f"#   {name}: {json.dumps(f.default)}  # {f.description or ''}".rstrip())
+    lines += ["#", "# scorer.options: the chosen scorer's own options (the scorer.* fields above go to every",
+              "# scorer that has them; anything else is an error), with their defaults:"]
+    for name in available_scorers():
+        cls = scorer_class(name)
+        opts = {f.name: f.default for f in dataclasses.fields(cls.config_cls)
+                if f.name in cls.option_names() - common and f.default is not dataclasses.MISSING}
+        lines.append(f"#   {name}: {json.dumps(opts, default=str)}")
+    return "\n".join(lines) + "\n"

@@ -93,6 +93,14 @@ def test_console_script_installed():
                          text=True, check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["pool"]["path"] == "path/to/pool.jsonl" and cfg["scorer"]["name"] == "ekfac"
+    # the open sections are listed too (as comments): every bandit constant and every scorer
+    from quadsel.influence import available_scorers
+    from quadsel.selection import QuadConfig
+
+    for field in QuadConfig.model_fields:
+        assert f"#   {field}: " in out, field
+    for name in available_scorers():
+        assert f"#   {name}: {{" in out, name
 
 
 def test_the_run_seed_seeds_embedding_and_clustering(tmp_path):
