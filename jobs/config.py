@@ -6,8 +6,8 @@ are errors that name the field and say what was expected.
 """
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal

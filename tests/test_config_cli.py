@@ -107,8 +107,8 @@ def test_the_run_seed_seeds_embedding_and_clustering(tmp_path):
     """`seed` is the seed of the run: changing it changes the clustering too, unless a section
     sets its own; the resolved config says which seed each stage used."""
     import numpy as np
-
     from conftest import small_job
+
     from quadsel.jobs.cluster_job import run_cluster
 
     assert load_config(None, ["pool.path=x", "seed=7"]).cluster.seed == 7
