@@ -82,6 +82,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .allocation import shrinkage, shrunken_means, softmax_shares
 from .base import Selector, logger
 from .config import QuadConfig
 from .types import Budget, ClusterView, Probe, derive_rng, nan_to_none
@@ -178,34 +179,15 @@ class QuadSelector(Selector):
         return self.config.alpha * np.sqrt(2.0 * math.log(total) / (self.pulls + 1.0))
 
     def shrinkage(self) -> float:
-        """kappa = within-cluster / between-cluster variance of the exploration probes.
-
-        A cluster's mean z from ``n`` probe scores is shrunk by ``n / (n + kappa)`` towards the
-        typical cluster (z = 0): the empirical-Bayes posterior mean of its true mean score. When
-        the probes do not separate clusters (between-cluster variance 0) kappa is infinite and
-        every cluster looks typical; with one probe per pull (no within spread) kappa is 1.
-        """
-        if self.ref_n < 2:
-            return math.inf
-        total = self.ref_m2 / self.ref_n
-        if self.within_df <= 0:
-            return 1.0
-        within = self.within_ss / self.within_df
-        between = total - within
-        if not between > 1e-12 * max(total, 1e-300):
-            return math.inf
-        return within / between
+        """kappa of the empirical-Bayes shrinkage (``selection.allocation.shrinkage``)."""
+        return shrinkage(self.ref_n, self.ref_m2, self.within_ss, self.within_df)
 
     def quality(self) -> np.ndarray:
         """q_c: the shrunken mean z of what cluster c received (0 = a typical cluster)."""
         mu, sd = self.norm()
-        kappa = self.shrinkage()
-        if not math.isfinite(kappa):
-            return np.zeros(len(self.sizes))
         with np.errstate(invalid="ignore", divide="ignore"):
             z = (self.wm_sum / self.w_sum - mu) / sd
-        shrink = self.wn_sum / (self.wn_sum + kappa)
-        return np.where(self.w_sum > 0, z * shrink, 0.0)
+        return shrunken_means(np.where(self.w_sum > 0, z, 0.0), self.wn_sum, self.shrinkage())
 
     def _cluster_cost(self, rows_of: Callable[[int], np.ndarray]) -> np.ndarray:
         out = np.zeros(len(self.sizes), dtype=np.float64)
@@ -231,35 +213,8 @@ class QuadSelector(Selector):
                            minlength=len(self.sizes))
 
     def quotas(self) -> np.ndarray:
-        """Each cluster's share of the budget (budget units): ``capacity * exp(q / T)``, scaled
-        to the budget and capped at the capacity (the excess of capped clusters goes to the
-        others in proportion to their weights).
-
-        This is the allocation that maximises the mean q of the selection minus ``T`` times its
-        KL divergence from the pool's own mix: influence tilts the selection, coverage keeps it
-        spread. Scores that do not separate clusters (q = 0 everywhere) give a sample
-        stratified by cluster, like a random one.
-        """
-        cap = self._capacity()
-        q = self.quality()
-        w = cap * np.exp(np.clip((q - q.max()) / self.config.temperature, -700.0, 0.0))
-        quota = np.zeros_like(cap)
-        left = float(self.budget.amount)
-        free = cap > 0
-        while left > 1e-9 and free.any():
-            ws = float(w[free].sum())
-            if ws <= 0.0:  # every remaining weight underflowed: share by capacity
-                w = np.where(free, cap, 0.0)
-                ws = float(w[free].sum())
-            give = np.where(free, left * w / ws, 0.0)
-            over = free & (quota + give >= cap)
-            if not over.any():
-                quota += give
-                break
-            left -= float((cap[over] - quota[over]).sum())
-            quota[over] = cap[over]
-            free &= ~over
-        return quota
+        """Each cluster's share of the budget, in budget units (``selection.allocation``)."""
+        return softmax_shares(self._capacity(), self.quality(), self.budget.amount, self.config.temperature)
 
     def deficits(self) -> np.ndarray:
         return self.quotas() - self.used_per_cluster()
