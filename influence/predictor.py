@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -264,7 +264,7 @@ class PredictorScorer(Scorer):
         opts = dict(c.base_options)
         cls = scorer_class(c.base)
         if cls is not None:
-            have = {f.name for f in fields(cls.config_cls)}
+            have = cls.option_names()  # a base without curvature takes no damping
             for k in (*_FORWARDED, "batch_size"):
                 if k in have and k not in opts:
                     opts[k] = getattr(c, k)
