@@ -194,7 +194,7 @@ def _centroid_map(data: RunData, _terms) -> str:
     if data.centroids is None:
         return _missing("no centroids (stages/cluster/result/centroids.npy is missing)")
     sizes = np.array([r["size"] for r in data.clusters], np.float64)
-    for name, _label in (("mean_reward", "mean reward"), ("cs", "cluster score (CS)"),
+    for name, label in (("mean_reward", "mean reward"), ("cs", "cluster score (CS)"),  # noqa: B007 - read after the break
                         ("mean_similarity", "mean cosine similarity to the centroid (no scores in this run)")):
         colour = _col(data, name)
         if np.isfinite(colour).any():
