@@ -106,3 +106,16 @@ def _restore_quadsel_logging():
     log.propagate = True
     log.setLevel(logging.NOTSET)
     progress._settings.mode = "auto"
+
+
+@pytest.fixture
+def quadsel_log(caplog):
+    """caplog on the ``quadsel`` logger, WARNING and up, also when it does not propagate (after
+    configure_logging); ``quadsel_log.set_level(...)`` to capture more."""
+    import logging
+
+    lg = logging.getLogger("quadsel")
+    lg.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="quadsel")
+    yield caplog
+    lg.removeHandler(caplog.handler)

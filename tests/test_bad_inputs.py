@@ -295,20 +295,22 @@ def _dangling_symlink(tmp, g, mp):
     return {"pool.path": str(d)}, {"error": ["b.jsonl", "a symlink to", "which does not exist"]}
 
 
-def _dataset_dict_ambiguous(tmp, g, mp):
+def _dataset_dict(tmp, g) -> str:
+    """A saved DatasetDict folder: train (60 rows) and test splits."""
     datasets = pytest.importorskip("datasets")
     d = tmp / "dd"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(g["base"][:60]),
                           "test": datasets.Dataset.from_list(g["base"][60:])}).save_to_disk(str(d))
-    return {"pool.path": str(d)}, {"error": ["dd", "DatasetDict with splits ['train', 'test']", "pool.split"]}
+    return str(d)
+
+
+def _dataset_dict_ambiguous(tmp, g, mp):
+    return {"pool.path": _dataset_dict(tmp, g)}, {"error": ["dd", "DatasetDict with splits ['train', 'test']",
+                                                            "pool.split"]}
 
 
 def _dataset_dict_split(tmp, g, mp):
-    datasets = pytest.importorskip("datasets")
-    d = tmp / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(g["base"][:60]),
-                          "test": datasets.Dataset.from_list(g["base"][60:])}).save_to_disk(str(d))
-    return {"pool.path": str(d), "pool.split": "train"}, {"rejects": {}, "rows": 60}
+    return {"pool.path": _dataset_dict(tmp, g), "pool.split": "train"}, {"rejects": {}, "rows": 60}
 
 
 def _json_array_as_jsonl(tmp, g, mp):

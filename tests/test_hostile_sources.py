@@ -23,12 +23,9 @@ ROWS = [{"id": f"r{i}", "text": f"row number {i} with some words", "n": i} for i
 
 
 @pytest.fixture
-def warnings(caplog):
-    lg = logging.getLogger("quadsel")
-    lg.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="quadsel")
-    yield caplog
-    lg.removeHandler(caplog.handler)
+def warnings(quadsel_log):
+    quadsel_log.set_level(logging.INFO, logger="quadsel")
+    return quadsel_log
 
 
 def _read(path, **kw) -> tuple[list, RejectLog]:

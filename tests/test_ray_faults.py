@@ -11,7 +11,6 @@ byte-identical to an uninterrupted run on the full cluster.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -47,13 +46,6 @@ def cluster():
         c.shutdown()
 
 
-@pytest.fixture
-def quadsel_log(caplog):
-    lg = logging.getLogger("quadsel")
-    lg.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="quadsel")
-    yield caplog
-    lg.removeHandler(caplog.handler)
 
 
 def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_path, monkeypatch,

@@ -5,7 +5,6 @@ import builtins
 import gzip
 import hashlib
 import json
-import logging
 import os
 import tracemalloc
 from pathlib import Path
@@ -52,14 +51,6 @@ def reject_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture
-def quadsel_warnings(caplog):
-    """Capture the quadsel logger even when it does not propagate (after configure_logging)."""
-    lg = logging.getLogger("quadsel")
-    lg.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="quadsel")
-    yield caplog
-    lg.removeHandler(caplog.handler)
 
 
 # --------------------------------------------------------------------------- formats
@@ -182,7 +173,7 @@ def test_unreadable_file_names_the_file(tmp_path, monkeypatch):
         path.chmod(0o644)
 
 
-def test_empty_files_warn_and_yield_nothing(tmp_path, quadsel_warnings):
+def test_empty_files_warn_and_yield_nothing(tmp_path, quadsel_log):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "blank.jsonl").write_bytes(b"\n\n  \n")
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
@@ -190,7 +181,7 @@ def test_empty_files_warn_and_yield_nothing(tmp_path, quadsel_warnings):
     rejects = RejectLog(None)
     assert read_all(SourceConfig(path=str(tmp_path)), rejects) == []
     assert rejects.total == 0
-    text = quadsel_warnings.text
+    text = quadsel_log.text
     assert "empty.jsonl: empty file" in text
     assert "blank.jsonl: no rows" in text and "empty.parquet: no rows" in text
 
@@ -260,7 +251,7 @@ BAD_LINES = [
 ]
 
 
-def test_every_reject_kind_is_counted_and_logged(tmp_path, quadsel_warnings):
+def test_every_reject_kind_is_counted_and_logged(tmp_path, quadsel_log):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
     out = tmp_path / "run" / "rejects.jsonl"
@@ -280,7 +271,7 @@ def test_every_reject_kind_is_counted_and_logged(tmp_path, quadsel_warnings):
     assert rejects.summary()["total"] == len(expected)
     dup = next(r for r in lines if r["reason"] == "duplicate_id")
     assert dup["id"] == "ok"
-    assert f"{path}: kept 4 rows, rejected {len(expected)}" in quadsel_warnings.text
+    assert f"{path}: kept 4 rows, rejected {len(expected)}" in quadsel_log.text
 
 
 def test_truncate_vs_reject_overlong(tmp_path):
