@@ -135,3 +135,27 @@ def test_cluster_with_another_k_then_run_again_leaves_a_consistent_run_dir(tmp_p
     assert pq.read_table(run / "clusters" / "assignments.parquet").column("cluster").to_numpy().max() == 11
     assert {f: Path(f).read_bytes() for f in data_files(run)} == shards
     verify(run)
+
+
+@pytest.mark.parametrize("texts", [["spam"] * 40, ["spam " * (i % 4 + 1) for i in range(40)],
+                                   ["!" * (i % 3 + 1) for i in range(40)]],
+                         ids=["one-word", "one-word-repeated", "one-symbol-repeated"])
+def test_a_pool_with_too_few_tfidf_features_is_one_line_exit_2(tmp_path, capsys, texts):
+    """Every text the same word (or symbol) repeated: no 2-dimensional tf-idf embedding exists,
+    so the embed fit refuses it with one line naming the cause, before any model or clustering
+    (it was a ValueError traceback, or a 1-dimensional embedding in which every row is alike)."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    cfg = {"run_dir": str(tmp_path / "run"), "pool": {"path": str(pool)}, "embed": {"dim": 8},
+           "cluster": {"k": 3}, "selection": {"method": "random", "budget": {"amount": 10}},
+           "ray": {"enabled": False}}
+    for cmd in ("run", "cluster"):
+        capsys.readouterr()
+        rc = main([cmd, str(_write(tmp_path / "job.yaml", cfg)), *Q])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith(f"quadsel {cmd}: error: embed: the texts give only ") and \
+            "distinct tf-idf feature(s)" in err and "same word or symbol repeated" in err, err
+        assert not (tmp_path / "run" / "stages" / "embed").exists()
+        assert not (tmp_path / "run" / "stages" / "cluster").exists()

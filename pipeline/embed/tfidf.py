@@ -41,6 +41,10 @@ MIN_DF = 2
 SVD_N_ITER = 5
 
 
+class TfidfFitError(ValueError):
+    """The texts cannot give a tf-idf embedding (too few texts, or too few distinct features)."""
+
+
 class TfidfEmbedder(Embedder):
     kind = "tfidf"
 
@@ -106,7 +110,7 @@ class TfidfEmbedder(Embedder):
             logger.info("tfidf: fitting on a seeded sample of %d of the %d texts given",
                         len(texts), n_in)
         if len(texts) < 2:
-            raise ValueError(f"tfidf: need at least 2 texts to fit, got {len(texts)}")
+            raise TfidfFitError(f"tfidf: need at least 2 texts to fit, got {len(texts)}")
         with Progress("fit tf-idf: count", total=len(texts), unit="docs") as prog:
             parts = []
             for i in range(0, len(texts), 2048):
@@ -116,9 +120,15 @@ class TfidfEmbedder(Embedder):
         df = np.bincount(x.indices, minlength=self.cfg.n_features)
         order = np.argsort(-df, kind="stable")[: self.cfg.max_features]
         columns = np.sort(order[df[order] >= MIN_DF])
-        if len(columns) < 2:
-            raise ValueError(f"tfidf: only {len(columns)} features occur in {MIN_DF}+ of the "
-                             f"{len(texts)} fit texts; fit on more (or more varied) text")
+        # the SVD needs more features than components, and one component alone gives every text
+        # the same (normalised) vector: clusters of that are arbitrary. Say so before any work.
+        if len(columns) - 1 < min(2, self.cfg.dim):
+            raise TfidfFitError(
+                f"embed: the texts give only {len(columns)} distinct tf-idf feature(s) (words, symbols or "
+                f"word pairs found in {MIN_DF}+ of the {len(texts)} fit texts; {int(np.count_nonzero(df))} "
+                f"in all), too few to embed them in 2 or more dimensions: every text is (nearly) the same "
+                f"word or symbol repeated; give the pool more varied text"
+                + (f" or a larger embed.fit_sample (now {self.cfg.fit_sample})" if n_in > len(texts) else ""))
         dim = min(self.cfg.dim, len(texts) - 1, len(columns) - 1)
         if dim < self.cfg.dim:
             logger.warning("tfidf: embed.dim=%d reduced to %d (fit sample: %d texts, %d features)",
