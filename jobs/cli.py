@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from quadsel import __version__
@@ -109,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
+    from quadsel.pipeline.embed.tfidf import TfidfFitError
     from quadsel.pipeline.lock import RunLockedError
     from quadsel.pipeline.pack import PackError
-
-    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
     from quadsel.pipeline.ray_runtime import WorkerPoolError
     from quadsel.pipeline.shards import ManifestError
     from quadsel.pipeline.sources import SourceError
@@ -130,7 +132,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, StoreError, PackError,
-            ManifestError, OSError, *extra)
+            ManifestError, TfidfFitError, OSError, *extra)
 
 
 def _load(args):
@@ -171,26 +173,42 @@ def cmd_run(args) -> int:
         args.overrides.append("ray.enabled=false")
         if not args.address:  # --no-ray wins over an address in the file; with --address: an error
             args.overrides.append("ray.address=null")
-    connected = []
+    was_connected = _ray_connected()  # by the caller (in-process use): theirs to keep
     try:
-        return _run_and_show(args, run_selection, before=lambda cfg: connected.append(_connect_ray(cfg)))
+        return _run_and_show(args, run_selection, before=_connect_ray)
     finally:
-        if any(connected):
-            import ray
-
-            ray.shutdown()
+        if not was_connected and _ray_connected():
+            _shutdown_ray()
 
 
-def _connect_ray(cfg) -> bool:
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Leave Ray as this command found it: disconnect from a cluster it joined, and stop a local
+    instance it started with every process of it (by pid; see ray_runtime.shutdown)."""
+    from quadsel.pipeline.ray_runtime import shutdown
+
+    shutdown()
+
+
+def _connect_ray(cfg) -> None:
     """Join the Ray cluster first, before any work: a wrong ``--address`` (or ``ray.address``,
     or ``$RAY_ADDRESS`` inside ``ray job submit``) fails in seconds, not after the embedding.
     No address: nothing here, the run starts a local instance when it needs one."""
-    from quadsel.pipeline.ray_runtime import LOCAL, connect, resolve_address
+    from quadsel.pipeline.ray_runtime import LOCAL, actor_fit_problem, connect, resolve_address
+
+    from .config import ConfigError
 
     if not cfg.ray.enabled or resolve_address(cfg.ray.address) == LOCAL:
-        return False
+        return
     connect(cfg.ray.address)
-    return True
+    if cfg.selection.method != "random" or cfg.embed.backend == "ray":  # the job starts actors
+        why = actor_fit_problem(cfg.ray.num_cpus_per_actor)
+        if why:
+            raise ConfigError(f"ray.num_cpus_per_actor = {cfg.ray.num_cpus_per_actor:g} but {why}: no actor "
+                              "could ever be placed; lower ray.num_cpus_per_actor or add larger nodes")
 
 
 def cmd_demo(args) -> int:
@@ -266,18 +284,57 @@ def _quiet_third_party() -> None:
         pass
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived: unwind (every ``finally`` runs: locks, Ray), then exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """Within: SIGTERM and SIGINT raise :class:`Stopped` in the main thread, once; a signal
+    that comes while the command is already stopping is noted and ignored, so the cleanup
+    (shutting Ray down, releasing the run lock) finishes. The previous handlers come back after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.stopping = False
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stopping:
+            logger.warning("%s: already stopping (shutting down cleanly)", signal.Signals(signum).name)
+            return
+        self.stopping = True
+        raise Stopped(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json, quiet=args.quiet, progress=args.progress)
     _quiet_third_party()
-    try:
-        return COMMANDS[args.command](args)
-    except _user_errors() as e:
-        print(f"quadsel {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"quadsel {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    with _StopOnSignal() as stop:
+        try:
+            return COMMANDS[args.command](args)
+        except _user_errors() as e:
+            print(f"quadsel {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            stop.stopping = True
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            why = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+            print(f"quadsel {args.command}: {why}; rerun the same command to resume", file=sys.stderr)
+            return 128 + int(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,12 +29,22 @@ before ``ray.init``: a TCP connect with a timeout, then one HTTP/2 handshake (th
 gRPC), so a cluster that is not there fails in seconds with ``RayConnectError`` (one line: the
 address and the reason) instead of Ray retrying for minutes; Ray's own errors while connecting
 (authentication, version mismatch) become ``RayConnectError`` too.
+
+Stopping (``shutdown``): a local instance that ``connect`` started belongs to this process; its
+processes (the ones ``ray.init`` started: gcs_server, raylet, dashboard, monitors) are noted
+by pid and start time, and ``shutdown`` makes sure that none of them, nor any of their
+descendants (agents, workers), outlives it: ``ray.shutdown()``, a short wait, then SIGTERM and
+SIGKILL for exactly those pids. ``connect`` keeps the caller's own SIGTERM / SIGINT handlers
+(``ray.init`` replaces them with handlers that dump a C++ stack and exit), so a command line
+that turns signals into a clean stop keeps doing so.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -140,8 +150,10 @@ def connect(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT_S,
     if target == LOCAL:
         kwargs["include_dashboard"] = False
     kwargs.update(init_kwargs or {})
+    before = _child_pids() if target == LOCAL else set()
     try:
-        ray.init(address=target, **kwargs)
+        with _keep_signal_handlers():
+            ray.init(address=target, **kwargs)
     except Exception as e:  # noqa: BLE001 - authentication, version mismatch, bad arguments...
         hint = ""
         if isinstance(e, ConnectionError) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
@@ -149,8 +161,133 @@ def connect(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT_S,
                     "starts), set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
         raise RayConnectError(f"cannot connect to the Ray cluster at {target}: {type(e).__name__}: "
                               f"{_one_line(e)}{hint}") from None
+    if target == LOCAL:
+        _Started.note(_child_pids() - before)
     logger.info("ray: connected to %s", "a fresh local instance" if target == LOCAL else target)
     return target
+
+
+class _keep_signal_handlers:
+    """Put back the SIGTERM / SIGINT handlers a caller installed (Python callables) after
+    ``ray.init``, which replaces SIGTERM's with ``sys.exit`` chained behind a C++ handler that
+    prints a stack dump. Default handlers are left to Ray, as a plain script expects."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        self.saved = {s: signal.getsignal(s) for s in self.SIGNALS} if main else {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, handler)
+
+
+def _child_pids() -> set[tuple[int, float]]:
+    """This process's children as (pid, start time); empty without psutil."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - ray[default] brings it
+        return set()
+    out = set()
+    for c in psutil.Process().children():
+        try:
+            out.add((c.pid, c.create_time()))
+        except psutil.Error:
+            pass
+    return out
+
+
+class _Started:
+    """The processes of the local Ray instance this process started (pid, start time)."""
+
+    procs: set[tuple[int, float]] = set()
+
+    @classmethod
+    def note(cls, procs: set[tuple[int, float]]) -> None:
+        cls.procs = set(procs)
+
+    @classmethod
+    def live(cls) -> list[Any]:
+        """Those processes still running (the same pid with the same start time: not a reused
+        pid), with every descendant of theirs (the raylet's agents and workers)."""
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover
+            return []
+        out: dict[int, Any] = {}
+        for pid, started in cls.procs:
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - started) > 1e-3:
+                    continue
+                out[pid] = p
+                for c in p.children(recursive=True):
+                    out[c.pid] = c
+            except psutil.Error:
+                continue
+        return list(out.values())
+
+
+def shutdown(grace: float = 3.0) -> list[int]:
+    """Disconnect from Ray. For a local instance this process started, also make sure that every
+    process of it is gone afterwards (``ray.shutdown`` stops the ones it started itself; agents
+    and workers of the raylet are stopped here by pid if they outlive it). Returns the pids that
+    had to be stopped here. Safe to call twice, or when Ray was never initialised."""
+    import ray
+
+    procs = _Started.live()
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        _Started.procs = set()
+        stopped = _stop(procs, grace) if procs else []
+    if stopped:
+        logger.info("ray: stopped %d process(es) of the local instance that outlived ray.shutdown: %s",
+                    len(stopped), stopped)
+    return stopped
+
+
+def _stop(procs: list[Any], grace: float) -> list[int]:
+    """Wait ``grace`` seconds for ``procs`` to exit, then SIGTERM, then SIGKILL what is left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    stopped = [p.pid for p in alive]
+    for how in ("terminate", "kill"):
+        if not alive:
+            break
+        for p in alive:
+            try:
+                getattr(p, how)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+    if alive:  # pragma: no cover - a process that ignores SIGKILL (uninterruptible I/O)
+        logger.warning("ray: processes %s of the local instance did not exit", [p.pid for p in alive])
+    return stopped
+
+
+def actor_fit_problem(num_cpus: float, num_gpus: float = 0.0) -> str | None:
+    """Why an actor needing ``num_cpus`` CPUs and ``num_gpus`` GPUs can never be placed on the
+    connected cluster (no alive node has that much), or None. Said up front, instead of the
+    pool waiting for an actor that never comes up."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for what, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if not need:
+            continue
+        per_node = [float(r.get(what, 0)) for r in nodes]
+        most = max(per_node, default=0.0)
+        if need > most:
+            total = float(ray.cluster_resources().get(what, 0))
+            return (f"the Ray cluster has {total:g} {what} in all, at most {most:g} on one of its "
+                    f"{len(nodes)} node(s)")
+    return None
 
 
 def _set_threads(n: int | None) -> None:
@@ -250,6 +387,12 @@ class RayPool:
         if num_actors is None:
             cpus = ray.cluster_resources().get("CPU", 1)
             num_actors = int(gpus) if num_gpus and gpus else max(1, int(cpus // num_cpus))
+        why = actor_fit_problem(num_cpus, num_gpus)
+        if why:  # an actor that fits on no node would be waited for (start_timeout) in silence
+            if self._owns_ray:
+                shutdown()
+            raise WorkerPoolError(f"each scoring actor needs {num_cpus:g} CPU / {num_gpus:g} GPU but {why}: "
+                                  "no actor could ever be placed")
         self.num_actors = num_actors
         self.chunk_size = chunk_size
         self.max_chunk_attempts = max_chunk_attempts
@@ -383,4 +526,4 @@ class RayPool:
                 pass
         self.actors = []
         if self._owns_ray:
-            self._ray.shutdown()
+            shutdown()

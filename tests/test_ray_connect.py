@@ -140,34 +140,76 @@ HEAD = textwrap.dedent("""
 """)
 
 
-def test_ray_address_env_joins_that_cluster_instead_of_a_nested_one(tmp_path):
-    """A loopback cluster (started by a helper process that owns it), joined by a driver that
-    only has $RAY_ADDRESS, as inside `ray job submit`."""
+@pytest.fixture(scope="module")
+def head():
+    """A loopback cluster with one CPU, started by a helper process that owns it; yields
+    (its GCS address, the environment a driver joining it needs)."""
     pytest.importorskip("ray")
     import os
 
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([sys.executable, "-c", HEAD], env=env, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HEAD], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        gcs = head.stdout.readline().strip()
+        gcs = proc.stdout.readline().strip()
         assert gcs, "the helper cluster did not start"
-        check_reachable(gcs, timeout=5)  # a real GCS passes the handshake check
         # the helper's cluster uses token auth (~/.ray/auth_token); a submitted job's driver has it too
-        out = subprocess.run([sys.executable, "-c", DRIVER], env=dict(env, RAY_ADDRESS=gcs, RAY_AUTH_MODE="token"),
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        import json
-
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["scores"] == [1.0, 2.0, 3.0]
-        assert got["gcs"] == gcs  # the helper's cluster, not a nested local one
+        yield gcs, dict(env, RAY_AUTH_MODE="token")
     finally:
-        head.stdin.close()
+        proc.stdin.close()
         try:
-            head.wait(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            head.kill()  # our own helper, by its handle; its Ray processes follow it (reaper)
-            head.wait()
-        head.stdout.close()
+            proc.kill()  # our own helper, by its handle; its Ray processes follow it (reaper)
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_ray_address_env_joins_that_cluster_instead_of_a_nested_one(head):
+    """A driver that only has $RAY_ADDRESS joins that cluster, as inside `ray job submit`."""
+    gcs, env = head
+    check_reachable(gcs, timeout=5)  # a real GCS passes the handshake check
+    out = subprocess.run([sys.executable, "-c", DRIVER], env=dict(env, RAY_ADDRESS=gcs),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["scores"] == [1.0, 2.0, 3.0]
+    assert got["gcs"] == gcs  # the helper's cluster, not a nested local one
+
+
+def test_actors_larger_than_the_cluster_fail_up_front(head, job_yaml):
+    """ray.num_cpus_per_actor more than any node of the joined cluster has: one line naming the
+    setting and what the cluster has, exit 2, in seconds and before any stage (it used to wait
+    the pool's start_timeout, 600 s, in silence)."""
+    gcs, env = head
+    run_dir = Path(yaml.safe_load(job_yaml.read_text())["run_dir"])
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "quadsel.jobs.cli", "run", str(job_yaml), "--address", gcs,
+                          "--set", "ray.num_cpus_per_actor=4", "-q", "--progress", "quiet"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert time.monotonic() - t0 < 120
+    err = out.stderr.strip().splitlines()
+    assert err[-1] == ("quadsel run: error: ray.num_cpus_per_actor = 4 but the Ray cluster has 1 CPU in all, at "
+                       "most 1 on one of its 1 node(s): no actor could ever be placed; lower "
+                       "ray.num_cpus_per_actor or add larger nodes"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (run_dir / "stages").exists()  # nothing ran
+
+    # the scoring pool itself says so too (library use), instead of waiting for the actor
+    script = textwrap.dedent("""
+        import ray
+        from quadsel.pipeline.ray_runtime import RayPool, WorkerPoolError
+        ray.init(log_to_driver=False)
+        try:
+            RayPool(lambda: None, num_actors=1, num_cpus=3, start_timeout=600)
+        except WorkerPoolError as e:
+            print("ERR", e)
+    """)
+    got = subprocess.run([sys.executable, "-c", script], env=dict(env, RAY_ADDRESS=gcs), capture_output=True,
+                         text=True, timeout=120)
+    assert "ERR each scoring actor needs 3 CPU / 0 GPU but the Ray cluster has 1 CPU in all" in got.stdout, \
+        got.stderr[-2000:]

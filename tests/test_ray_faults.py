@@ -1,4 +1,5 @@
-"""Ray scoring survives the loss of a worker node mid-selection, with identical output.
+"""Ray scoring survives the loss of a worker node mid-selection, with identical output; a
+signalled run stops its own Ray cleanly.
 
 A real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head with no
 CPUs and two worker nodes with one CPU each, so each of the two scoring actors (one CPU each)
@@ -98,3 +99,85 @@ def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_
     assert json.loads((faulty / "bandit" / "history.json").read_text()) == \
         json.loads((tmp_path / "reference" / "bandit" / "history.json").read_text())
     assert "scoring actor" in quadsel_log.text and "retrying chunk" in quadsel_log.text
+
+
+def _descendants(pid: int) -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for c in psutil.Process(pid).children(recursive=True):
+        try:
+            out[c.pid] = c.create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def _still_running(procs: dict[int, float]) -> list[str]:
+    import psutil
+
+    alive = []
+    for pid, started in procs.items():
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - started) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_and_every_process_of_its_ray(tmp_path, sig):
+    """`quadsel run` with its own local Ray, signalled while the bandit scores on Ray actors:
+    one line, exit 128+signal, no traceback or C++ stack dump, and no process of that Ray
+    instance (gcs_server, raylet, dashboard, agents, scoring workers: every descendant of the
+    run seen while it scored, by pid and start time) survives; the rerun completes."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    pytest.importorskip("psutil")
+    cfg = small_job(tmp_path, ray=True)
+    cfg["selection"]["quad"]["arms_per_round"] = 1  # many short rounds: the signal lands mid-selection
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(cfg))
+    quadsel = str(Path(sys.executable).parent / "quadsel")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([quadsel, "run", str(job), "--progress", "log"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        lines = []
+        for line in p.stderr:  # until the first probe was scored on the actors
+            lines.append(line)
+            if "quadsel.jobs.run_job: scored" in line:
+                break
+        assert p.poll() is None, "".join(lines)[-3000:]
+        ray_procs = _descendants(p.pid)
+        assert len(ray_procs) >= 4, ray_procs  # gcs_server, raylet, ..., the scoring workers
+        os.kill(p.pid, sig)
+        rest = p.stderr.read()
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 128 + sig, rest[-3000:]
+    assert "Traceback" not in rest and "SIGTERM received" not in rest and "logging.cc" not in rest, rest[-3000:]
+    last = rest.strip().splitlines()[-1]
+    assert last == "quadsel run: " + ("stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted") + \
+        "; rerun the same command to resume", rest[-3000:]
+    deadline = time.monotonic() + 5
+    while _still_running(ray_procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _still_running(ray_procs)
+    run_dir = Path(cfg["run_dir"])
+    assert not (run_dir / "manifest.json").exists()  # stopped before anything was committed
+    if sig == signal.SIGTERM:  # resumable: the same command finishes the selection
+        again = subprocess.run([quadsel, "run", str(job), "-q", "--progress", "quiet"], capture_output=True,
+                               text=True, env=env, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        verify(run_dir)
+        assert json.loads((run_dir / "summary.json").read_text())["selected"] == 60
