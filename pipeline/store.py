@@ -369,10 +369,12 @@ def _infer(values: list[Any], name: str = "") -> pa.Array:
     if not kinds:
         return pa.nulls(len(values), pa.string())
     if len(kinds) > 1:  # said once per field, never a silent rewrite
-        logger.warning("meta field %r has values of several types (%s) across rows: written as JSON text "
-                       "(strings quoted)", name, ", ".join(sorted(kinds)))
-    return pa.array([None if v is None else json.dumps(v, sort_keys=True, ensure_ascii=False,
-                                                         separators=(",", ":"))
+        logger.warning("meta field %r has values of several types (%s) across rows: written as a string "
+                       "column (strings as they are, other values as their JSON text, e.g. 3 -> \"3\")",
+                       name, ", ".join(sorted(kinds)))
+    # a string stays itself ("a", never '"a"'); anything else is its JSON text (3 -> "3", True -> "true")
+    return pa.array([None if v is None else v if isinstance(v, str) else
+                     json.dumps(v, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
                      for v in values], pa.string())
 
 
@@ -380,8 +382,10 @@ def expand_meta(table: pa.Table) -> pa.Table:
     """Replace the ``meta`` JSON column with one column per key (the rows' original fields).
 
     One type per key over the whole table: all str -> string, all int -> int64, int and/or
-    float -> float64, all bool -> bool; anything else or a mix -> string holding each value's
-    JSON (so "a" becomes '"a"'). A key missing in a row, or null, is null; a key no row has a
+    float -> float64, all bool -> bool; anything else (lists, objects, ints beyond int64) or a
+    mix of types -> string: strings as they are, other values as their compact JSON text (so a
+    field that is "a" in one row and 3 in another reads back as "a" and "3"; a logged warning
+    names the field). A key missing in a row, or null, is null; a key no row has a
     value for is an all-null string column. New columns come after the others, keys sorted;
     a key named like an existing column (e.g. a row field ``source``) replaces that column,
     since the original field is what a reader of the output expects.
