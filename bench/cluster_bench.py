@@ -128,7 +128,8 @@ def purity_report(assignments: np.ndarray, domains: np.ndarray) -> dict:
 
 def pool_run(pool_path: Path, k: int, threads: int) -> dict:
     from quadsel.pipeline.cluster import ClusterConfig, cluster_store
-    from quadsel.pipeline.embed import EmbedConfig, embed_batches, make_embedder, sample_rows
+    from quadsel.pipeline.embed import EmbedConfig, make_embedder, sample_rows
+    from quadsel.pipeline.embed.store import write_embeddings
 
     t_start = time.perf_counter()
     rows = read_pool(pool_path)
@@ -149,8 +150,8 @@ def pool_run(pool_path: Path, k: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         bs = ecfg.batch_size
-        store = embed_batches(emb, ((ids[s:s + bs], texts[s:s + bs]) for s in range(0, len(texts), bs)),
-                              Path(tmp) / "vectors", total=len(texts))
+        vecs = np.concatenate([emb.transform(texts[s:s + bs]) for s in range(0, len(texts), bs)])
+        store = write_embeddings(Path(tmp) / "vectors", ids, vecs, embedder=emb.describe())
         t_embed = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = cluster_store(store, ClusterConfig(k=k, threads=threads))

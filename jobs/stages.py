@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from quadsel.pipeline import faults
 from quadsel.pipeline.atomic import atomic_path, atomic_write_text, stable_hash
 from quadsel.pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
-from quadsel.pipeline.embed import EmbeddingStore, embed_batches, make_embedder, sample_rows
+from quadsel.pipeline.embed import EmbeddingStore
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
@@ -206,13 +206,15 @@ def read_sources(ctx: RunContext) -> tuple[PoolStore, PoolStore | None]:
 MODEL_EMBEDDERS = ("hidden", "gradient")
 
 
-def needs_feature_stage(cfg: JobConfig) -> bool:
-    """Model-based embedders, the Ray backend and whitening go through pipeline.feature_stage."""
-    e = cfg.embed
-    return e.kind in MODEL_EMBEDDERS or e.backend == "ray" or e.whiten.enabled
-
-
 def embed_pool(ctx: RunContext, store: PoolStore, model_dir: str | None = None) -> EmbeddingStore:
+    """The embed stage: the feature stage (local or Ray actors; per-shard resumable), optionally
+    whitened, committed as ``stages/embed``.
+
+    The feature stage's work folder lives outside the stage's temporary folder so that a killed
+    run keeps the shards it finished; it is moved into the stage when complete.
+    """
+    from quadsel.pipeline.feature_stage import run_feature_stage
+
     cfg = ctx.cfg.embed
     model_key = ctx.keys.get("model") if cfg.kind in MODEL_EMBEDDERS and cfg.model is None else None
     key = stable_hash({"v": 1, "up": ctx.keys["sources"], "embed": cfg.model_dump(mode="json"),
@@ -222,45 +224,21 @@ def embed_pool(ctx: RunContext, store: PoolStore, model_dir: str | None = None) 
     t0 = time.monotonic()
     if stage.is_done():
         logger.info("embed: reusing cached embeddings")
-    elif needs_feature_stage(ctx.cfg):
-        _embed_with_feature_stage(ctx, store, stage, model_dir)
     else:
+        work = ctx.run_dir / "stages" / f"embed.work-{stage.key}"
+        r = ctx.cfg.ray
+        emb = run_feature_stage(store, cfg, work, model_path=model_dir, num_actors=r.num_actors,
+                                num_cpus_per_actor=r.num_cpus_per_actor, address=r.address)
         with stage.building() as tmp:
-            embedder = make_embedder(cfg)
-            rows = sample_rows(len(store), cfg.fit_sample, cfg.seed)
-            embedder.fit(store.texts(rows))
-            embedder.save(tmp / "embedder")
-            batches = (
-                (b.column("id").to_pylist(), b.column("text").to_pylist())
-                for b in store.iter_batches(cfg.batch_size, columns=["id", "text"])
-                if faults.point("embed.batch") is None
-            )
-            emb = embed_batches(embedder, batches, tmp / "vectors", total=len(store))
-            stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind})
+            shutil.move(str(work / "embedder"), str(tmp / "embedder"))
+            shutil.move(str(emb.root), str(tmp / "vectors"))
+            if (work / "whitened" / "whitener").is_dir():
+                shutil.move(str(work / "whitened" / "whitener"), str(tmp / "whitener"))
+            stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind, "backend": cfg.backend,
+                               "whitened": cfg.whiten.enabled})
+        shutil.rmtree(work, ignore_errors=True)
     ctx.timed("embed", t0)
     return EmbeddingStore.open(stage.path / "vectors")
-
-
-def _embed_with_feature_stage(ctx: RunContext, store: PoolStore, stage: Stage, model_dir: str | None) -> None:
-    """Per-shard resumable features (local or Ray actors), optionally whitened, then committed.
-
-    The work folder lives outside the stage's temporary folder so that a killed run keeps the
-    shards it finished; it is moved into the stage when complete.
-    """
-    from quadsel.pipeline.feature_stage import run_feature_stage
-
-    work = ctx.run_dir / "stages" / f"embed.work-{stage.key}"
-    r = ctx.cfg.ray
-    emb = run_feature_stage(store, ctx.cfg.embed, work, model_path=model_dir, num_actors=r.num_actors,
-                            num_cpus_per_actor=r.num_cpus_per_actor, address=r.address)
-    with stage.building() as tmp:
-        shutil.move(str(work / "embedder"), str(tmp / "embedder"))
-        shutil.move(str(emb.root), str(tmp / "vectors"))
-        if (work / "whitened" / "whitener").is_dir():
-            shutil.move(str(work / "whitened" / "whitener"), str(tmp / "whitener"))
-        stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": ctx.cfg.embed.kind,
-                           "backend": ctx.cfg.embed.backend, "whitened": ctx.cfg.embed.whiten.enabled})
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def cluster_pool(ctx: RunContext, emb: EmbeddingStore) -> ClusterResult:

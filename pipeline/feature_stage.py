@@ -6,14 +6,15 @@ is cut into chunks of ``batch_size`` rows from its start; a chunk is the unit a 
 ``embedder_dir`` and read their texts from the memory-mapped pool store (both on storage every
 node sees). The driver places each chunk's vectors by row, and when an input shard is complete
 writes ``out_dir/part-NNNNN.arrow`` (ids + vectors, the :mod:`pipeline.embed.store` shard
-format) and then its done marker ``part-NNNNN.done.json``. ``index.json`` comes last, so the
+format) and then its completion marker ``part-NNNNN.done.json`` (:func:`pipeline.stage.write_marker`:
+its key, and the shard's checksum). ``index.json`` comes last, so the
 folder is an :class:`~pipeline.embed.EmbeddingStore` (rows in pool order) that
 :func:`pipeline.cluster.cluster_store` reads as it is.
 
 - Deterministic: the same chunks are embedded whatever the backend or worker count, and a row is
   placed by its position, so the shards are byte-identical for 1 or N workers, local or Ray.
 - Resumable per shard: a rerun skips every shard whose marker matches (same embedder files, same
-  input shard, output present with the recorded size) and computes only the others.
+  input shard, output present with the recorded checksum) and computes only the others.
 - Streaming: Ray Data feeds chunk descriptors to a fixed-size actor pool
   (``map_batches(..., compute=ActorPoolStrategy(size=n))``) and the driver consumes results
   with ``iter_batches`` in order (``preserve_order``); memory holds the shards in flight only.
@@ -31,16 +32,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
+from . import faults
+from .arrow_store import INDEX, shard_entry
 from .atomic import atomic_write_json, read_json, remove_stale_temps, sha256_file
 from .embed import EmbedConfig, EmbeddingStore, load_embedder, make_embedder, sample_rows
 from .embed.base import META, MODEL_KINDS
-from .embed.store import INDEX, write_index, write_vector_shard
+from .embed.store import write_index, write_vector_shard
 from .progress import Progress
+from .sources import Example
+from .stage import read_marker, write_marker
 from .store import PoolStore
 
 logger = logging.getLogger(__name__)
@@ -153,9 +159,8 @@ class _Assembler:
         name = shard_name(self.store, shard)
         write_vector_shard(self.out / name, ids, vecs)
         zero = int(np.count_nonzero(~vecs.any(axis=1)))
-        atomic_write_json(self.out / (Path(name).stem + DONE_SUFFIX), {
-            **self.marker, "input": _input_info(self.store, shard), "file": name, "rows": len(ids),
-            "bytes": (self.out / name).stat().st_size, "zero_rows": zero})
+        write_marker(_marker_path(self.out, name), _shard_key(self.store, shard, self.marker), files=[name],
+                     info={"file": name, "rows": len(ids), "zero_rows": zero})
         self.written += 1
 
 
@@ -163,22 +168,21 @@ def shard_name(store: PoolStore, shard: int) -> str:
     return str(store.index["shards"][shard]["file"])
 
 
-def _input_info(store: PoolStore, shard: int) -> dict[str, Any]:
+def _marker_path(out: Path, name: str) -> Path:
+    return out / (Path(name).stem + DONE_SUFFIX)
+
+
+def _shard_key(store: PoolStore, shard: int, marker: dict[str, Any]) -> dict[str, Any]:
+    """What a feature shard depends on: the embedder, the chunking and its input pool shard."""
     s = store.index["shards"][shard]
-    return {"file": s["file"], "rows": int(s["rows"]), "offset": int(s["offset"]), "bytes": int(s["bytes"])}
+    return {**marker, "input": {"file": s["file"], "rows": int(s["rows"]), "offset": int(s["offset"]),
+                                "bytes": int(s["bytes"])}}
 
 
-def _is_done(store: PoolStore, out: Path, shard: int, marker: dict[str, Any]) -> bool:
+def _done_info(store: PoolStore, out: Path, shard: int, marker: dict[str, Any]) -> dict[str, Any] | None:
     name = shard_name(store, shard)
-    path = out / (Path(name).stem + DONE_SUFFIX)
-    if not path.is_file() or not (out / name).is_file():
-        return False
-    try:
-        got = read_json(path)
-    except (OSError, ValueError):
-        return False
-    return (all(got.get(k) == v for k, v in marker.items()) and got.get("input") == _input_info(store, shard)
-            and got.get("bytes") == (out / name).stat().st_size)
+    done = read_marker(_marker_path(out, name), _shard_key(store, shard, marker), what=f"feature shard {name}")
+    return None if done is None else done["info"]
 
 
 def compute_features(
@@ -219,7 +223,7 @@ def compute_features(
     meta = read_json(embedder_dir / META) if (embedder_dir / META).is_file() else {}
     marker = {"embedder": embedder_fingerprint(embedder_dir), "batch_size": int(batch_size)}
     n_shards = len(store.index["shards"])
-    todo = [s for s in range(n_shards) if not _is_done(store, out, s, marker)]
+    todo = [s for s in range(n_shards) if _done_info(store, out, s, marker) is None]
     skipped = n_shards - len(todo)
     if skipped:
         logger.info("features: %d of %d shards already done (markers match); computing %d",
@@ -236,6 +240,7 @@ def compute_features(
                 asm = _Assembler(store, out, dim, marker)
                 with Progress("features", total=rows_todo, unit="rows") as prog:
                     for c in chunks:
+                        faults.point("embed.batch")
                         ids, vecs = worker.embed(c.shard, c.start, c.stop)
                         asm.add(c.shard, c.start, ids, vecs)
                         prog.advance(len(ids))
@@ -247,7 +252,7 @@ def compute_features(
                            address=address, clock=clock)
         if asm.open:
             raise RuntimeError(f"features: shards {sorted(asm.open)} did not receive all their rows")
-    result = _finish(store, out, meta)
+    result = _finish(store, out, meta, marker)
     if stats is not None:
         stats.update(clock.summary(time.perf_counter() - t0), shards_done_before=skipped,
                      shards_computed=len(todo))
@@ -385,22 +390,38 @@ def run_feature_stage(store: PoolStore, cfg: EmbedConfig, out_dir: str | Path, *
     return maybe_whiten(feats, cfg.whiten, out / "whitened", seed=cfg.seed)
 
 
-def _finish(store: PoolStore, out: Path, meta: dict[str, Any]) -> EmbeddingStore:
+def embed_texts(texts: Sequence[str], cfg: EmbedConfig, out_dir: str | Path, *,
+                ids: Sequence[str] | None = None, rows_per_shard: int = 50_000) -> EmbeddingStore:
+    """Texts in memory through the same embed path a job runs: they are written as a pool store
+    (``out_dir/pool``), the embedder is fitted and saved (``out_dir/embedder``) and the feature
+    stage embeds them locally (``out_dir/features``, returned)."""
+    out = Path(out_dir)
+    ids = [f"t{i}" for i in range(len(texts))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(texts):
+        raise ValueError(f"embed_texts: {len(ids)} ids for {len(texts)} texts")
+    rows = [Example(id=i, text=t, meta={}, source="memory", line=n + 1)
+            for n, (i, t) in enumerate(zip(ids, texts))]
+    store = PoolStore.write([rows], out / "pool", rows_per_shard=rows_per_shard, label="texts")
+    emb_dir = prepare_embedder(store, cfg, out / "embedder")
+    return compute_features(store, emb_dir, out / "features", batch_size=cfg.batch_size)
+
+
+def _finish(store: PoolStore, out: Path, meta: dict[str, Any], marker: dict[str, Any]) -> EmbeddingStore:
     """Check every shard is done, then write ``index.json`` (rows in pool order)."""
     shards, zero_rows, dim = [], 0, None
     for s in range(len(store.index["shards"])):
-        name = shard_name(store, s)
-        marker = read_json(out / (Path(name).stem + DONE_SUFFIX))
-        zero_rows += int(marker["zero_rows"])
-        shards.append({"file": name, "rows": int(marker["rows"]), "offset": int(store.index["shards"][s]["offset"])})
+        info = _done_info(store, out, s, marker)
+        if info is None:
+            raise RuntimeError(f"features: shard {shard_name(store, s)} is not done after computing it")
+        zero_rows += int(info["zero_rows"])
+        shards.append(shard_entry(out, info["file"], info["rows"], store.index["shards"][s]["offset"]))
     if shards:
-        import pyarrow.ipc as ipc
-
         with pa.memory_map(str(out / shards[0]["file"]), "r") as m:
             dim = ipc.open_file(m).schema.field("vector").type.list_size
     dim = int(dim if dim is not None else meta.get("dim", 0))
     if zero_rows:
-        logger.warning("features: %d of %d rows have an all-zero vector", zero_rows, len(store))
-    info = {k: v for k, v in meta.items() if k != "config"}
-    write_index(out, rows=len(store), dim=dim, shards=shards, zero_rows=zero_rows, embedder=info)
+        logger.warning("features: %d of %d rows have an all-zero vector (no feature the embedder knows); they "
+                       "join whichever cluster ties first", zero_rows, len(store))
+    write_index(out, rows=len(store), dim=dim, shards=shards, zero_rows=zero_rows,
+                embedder={k: v for k, v in meta.items() if k != "config"})
     return EmbeddingStore.open(out)

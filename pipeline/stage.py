@@ -1,13 +1,17 @@
-"""Cached, atomic pipeline stages inside a run directory.
+"""Completion markers, and cached atomic pipeline stages built on them.
+
+A *marker* is the one way quadsel records that some piece of work finished: a JSON file
+written atomically after the work's files, holding the work's cache ``key``, an ``info`` dict
+and the size and sha256 of every file it covers (taken when it is written).
+:func:`read_marker` accepts it only when the key matches and every file still matches its
+checksum: a file truncated, bit-flipped, edited or removed since makes the work not done (logged,
+naming the file), so it is recomputed instead of being trusted. Stages use one marker per stage
+folder (``_DONE.json``); the feature stage one per feature shard (``part-NNNNN.done.json``).
 
 A stage writes into ``stages/<name>.tmp-*`` and is renamed to ``stages/<name>`` when it has
-finished, with ``_DONE.json`` holding its cache key. A rerun whose key matches skips the stage;
-a different key (config changed) or a missing marker (killed mid-way) recomputes it. A killed
-stage therefore never leaves a half-written ``stages/<name>`` behind.
-
-The marker also lists every file of the stage with its size and sha256, taken at commit: a file
-that was truncated, bit-flipped, edited or removed since makes the stage not done (logged, naming
-the file), so it is recomputed from the stage before it instead of being trusted.
+finished, with its marker ``_DONE.json`` covering every file in it. A rerun whose key matches
+skips the stage; a different key (config changed), a missing marker (killed mid-way) or a damaged
+file recomputes it. A killed stage therefore never leaves a half-written ``stages/<name>``.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from . import faults
 from .atomic import atomic_write_json, fsync_dir, read_json, sha256_file
@@ -25,10 +29,12 @@ DONE = "_DONE.json"
 logger = logging.getLogger(__name__)
 
 
-def file_sums(root: Path) -> dict[str, list[Any]]:
-    """``{relative path: [bytes, sha256]}`` of every file under ``root`` but the marker."""
-    return {f.relative_to(root).as_posix(): [f.stat().st_size, sha256_file(f)]
-            for f in sorted(root.rglob("*")) if f.is_file() and f.name != DONE}
+def file_sums(root: Path, files: Iterable[str] | None = None) -> dict[str, list[Any]]:
+    """``{relative path: [bytes, sha256]}`` of ``files`` under ``root`` (default: every file but
+    stage markers)."""
+    paths = (sorted(f for f in root.rglob("*") if f.is_file() and f.name != DONE) if files is None
+             else [root / f for f in files])
+    return {f.relative_to(root).as_posix(): [f.stat().st_size, sha256_file(f)] for f in paths}
 
 
 def damaged_file(root: Path, sums: dict[str, list[Any]]) -> str | None:
@@ -47,6 +53,39 @@ def damaged_file(root: Path, sums: dict[str, list[Any]]) -> str | None:
     return None
 
 
+def write_marker(path: Path, key: Any, *, root: Path | None = None, files: Iterable[str] | None = None,
+                 info: dict[str, Any] | None = None, **fields: Any) -> None:
+    """Mark work done: ``path`` records ``key``, ``info`` and the checksums of ``files`` under
+    ``root`` (default: the marker's folder; ``files`` default: all of it)."""
+    root = path.parent if root is None else root
+    atomic_write_json(path, {"key": key, **fields, "info": info or {}, "files": file_sums(root, files)})
+
+
+def read_marker(path: Path, key: Any, *, root: Path | None = None, what: str = "") -> dict[str, Any] | None:
+    """The marker at ``path`` if it is there, holds ``key`` and every file it covers matches;
+    None otherwise (a damaged file or an unreadable marker is logged, naming it)."""
+    root = path.parent if root is None else root
+    what = what or str(path.parent)
+    if not path.is_file():
+        return None
+    try:
+        done = read_json(path)
+    except (OSError, ValueError):
+        logger.warning("%s: unreadable completion marker; recomputing %s", path, what)
+        return None
+    if not isinstance(done, dict) or done.get("key") != key:
+        return None
+    sums = done.get("files")
+    if not isinstance(sums, dict):
+        logger.warning("%s: completion marker without checksums; recomputing %s", path, what)
+        return None
+    why = damaged_file(root, sums)
+    if why:
+        logger.warning("%s is damaged (%s); recomputing it", what, why)
+        return None
+    return done
+
+
 class Stage:
     def __init__(self, run_dir: str | Path, name: str, key: str) -> None:
         self.root = Path(run_dir) / "stages"
@@ -55,23 +94,7 @@ class Stage:
         self.path = self.root / name
 
     def is_done(self) -> bool:
-        marker = self.path / DONE
-        if not marker.is_file():
-            return False
-        try:
-            done = read_json(marker)
-            if not isinstance(done, dict) or done.get("key") != self.key:
-                return False
-        except (OSError, ValueError):
-            logger.warning("%s: unreadable stage marker; recomputing stage %r", marker, self.name)
-            return False
-        sums = done.get("files")
-        if isinstance(sums, dict):
-            why = damaged_file(self.path, sums)
-            if why:
-                logger.warning("stage %r is damaged (%s); recomputing it", self.name, why)
-                return False
-        return True
+        return read_marker(self.path / DONE, self.key, what=f"stage {self.name!r}") is not None
 
     def info(self) -> dict[str, Any]:
         return read_json(self.path / DONE).get("info", {})
@@ -91,8 +114,7 @@ class Stage:
 
     def commit(self, tmp: Path, info: dict[str, Any] | None = None) -> None:
         """Mark ``tmp`` done and move it into place (replacing an outdated stage folder)."""
-        atomic_write_json(tmp / DONE, {"key": self.key, "stage": self.name, "info": info or {},
-                                       "files": file_sums(tmp)})
+        write_marker(tmp / DONE, self.key, stage=self.name, info=info)
         faults.point(f"stage.commit.{self.name}")
         if self.path.exists():
             old = self.root / f"{self.name}.old-{tmp.name[-8:]}"

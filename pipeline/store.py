@@ -12,9 +12,9 @@ other fields, sorted keys), ``n_chars`` int64, ``source`` string (input file), `
 (1-based line or row in it). Record batches inside a shard hold ``RECORD_BATCH_ROWS`` rows
 whatever batches came in, so the same examples always give byte-identical files.
 
-Each shard is written atomically and ``index.json`` last: a folder without ``index.json``
-is an unfinished write and :meth:`PoolStore.open` refuses it. Reading memory-maps the shards,
-so opening a store costs nothing and resident memory is what is touched.
+The folder is a :mod:`quadsel.pipeline.arrow_store` store (the format, commit order, checks on
+open and memory-mapped reads are that module's): opening costs nothing and resident memory is
+what is touched.
 """
 from __future__ import annotations
 
@@ -29,13 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from . import faults
-from .atomic import atomic_path, atomic_write_json, fsync_dir, read_json, remove_stale_temps
+from .arrow_store import INDEX, ShardedStore, StoreError, shard_entry
+from .atomic import atomic_path, fsync_dir, remove_stale_temps
 from .progress import Progress
 from .sources import Example
 
 logger = logging.getLogger(__name__)
 
-INDEX = "index.json"
+__all__ = ["PoolStore", "StoreError", "SCHEMA", "expand_meta"]
+
 FORMAT = "quadsel-pool"
 VERSION = 1
 RECORD_BATCH_ROWS = 1024
@@ -47,10 +49,6 @@ SCHEMA = pa.schema([
     ("source", pa.string()),
     ("line", pa.int64()),
 ])
-
-
-class StoreError(ValueError):
-    """A pool store folder that cannot be used (unfinished write, missing or changed shard)."""
 
 
 def _meta_json(meta: dict[str, Any]) -> str:
@@ -97,9 +95,8 @@ class _ShardWriter:
         self._writer.close()
         self._writer = None
         self._ctx.__exit__(None, None, None)
-        name = _shard_name(len(self.shards))
-        self.shards.append({"file": name, "rows": self._in_shard, "offset": self.rows - self._in_shard,
-                            "bytes": (self.out_dir / name).stat().st_size})
+        self.shards.append(shard_entry(self.out_dir, _shard_name(len(self.shards)), self._in_shard,
+                                       self.rows - self._in_shard))
 
     def write(self, rows: list[Example]) -> None:
         """Append up to RECORD_BATCH_ROWS rows as one record batch (splitting at shard ends)."""
@@ -127,19 +124,21 @@ class _ShardWriter:
                 self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-class PoolStore:
+class PoolStore(ShardedStore):
     """Random and sequential access to a written pool. See the module docstring."""
 
+    FORMAT = FORMAT
+    VERSION = VERSION
+    WHAT = "pool store"
+
     def __init__(self, root: Path, index: dict[str, Any]) -> None:
-        self.root = root
-        self.index = index
-        self._shards: list[dict[str, Any]] = index["shards"]
-        self._offsets = np.array([s["offset"] for s in self._shards] + [index["rows"]], dtype=np.int64)
-        self._tables: list[pa.Table | None] = [None] * len(self._shards)
-        self._maps: list[pa.MemoryMappedFile | None] = [None] * len(self._shards)
+        super().__init__(root, index)
         self._n_chars: np.ndarray | None = None
 
-    # -------------------------------------------------------------------- write / open
+    def expected_schema(self) -> pa.Schema:
+        return SCHEMA
+
+    # -------------------------------------------------------------------- write
     @classmethod
     def write(cls, batches: Iterable[list[Example]], out_dir: str | Path, *,
               rows_per_shard: int = 50_000, label: str = "read pool") -> "PoolStore":
@@ -173,78 +172,11 @@ class PoolStore:
         for old in out.glob("part-*.arrow"):
             if old.name not in keep:
                 old.unlink()
-        index = {
-            "format": FORMAT,
-            "version": VERSION,
-            "rows": writer.rows,
-            "shards": writer.shards,
-            "schema": [{"name": f.name, "type": str(f.type)} for f in SCHEMA],
-        }
-        atomic_write_json(out / INDEX, index)
-        return cls(out, index)
-
-    @classmethod
-    def open(cls, dir: str | Path) -> "PoolStore":
-        root = Path(dir)
-        if not (root / INDEX).is_file():
-            what = "does not exist" if not root.exists() else "has no index.json"
-            raise StoreError(f"{root}: not a finished pool store ({what}; the write did not "
-                             "complete or this is not a store folder)")
-        try:
-            index = read_json(root / INDEX)
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{root / INDEX}: unreadable ({e})") from e
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise StoreError(f"{root / INDEX}: not a quadsel pool index")
-        if index.get("version") != VERSION:
-            raise StoreError(f"{root / INDEX}: store version {index.get('version')}, "
-                             f"this quadsel reads version {VERSION}")
-        for s in index["shards"]:
-            p = root / s["file"]
-            if not p.is_file():
-                raise StoreError(f"{p}: shard listed in index.json is missing")
-            if p.stat().st_size != s["bytes"]:
-                raise StoreError(f"{p}: {p.stat().st_size} bytes, index.json says {s['bytes']} "
-                                 "(the store was modified after it was written)")
-        return cls(root, index)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickles as its path (Ray workers reopen it)
-        return (PoolStore.open, (str(self.root),))
-
-    def close(self) -> None:
-        self._tables = [None] * len(self._shards)
-        for m in self._maps:
-            if m is not None:
-                m.close()
-        self._maps = [None] * len(self._shards)
-
-    def __enter__(self) -> "PoolStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"PoolStore({str(self.root)!r}, rows={len(self)}, shards={len(self._shards)})"
+        cls.write_index(out, rows=writer.rows, shards=writer.shards,
+                        schema=[{"name": f.name, "type": str(f.type)} for f in SCHEMA])
+        return cls.open(out)
 
     # -------------------------------------------------------------------- access
-    def __len__(self) -> int:
-        return int(self.index["rows"])
-
-    def _table(self, i: int) -> pa.Table:
-        t = self._tables[i]
-        if t is None:
-            path = self.root / self._shards[i]["file"]
-            try:
-                m = pa.memory_map(str(path))
-                t = ipc.open_file(m).read_all()  # zero-copy: buffers point into the map
-            except (OSError, pa.ArrowException) as e:
-                raise StoreError(f"{path}: unreadable shard ({e})") from e
-            if t.num_rows != self._shards[i]["rows"] or t.schema.names != SCHEMA.names:
-                raise StoreError(f"{path}: shard does not match index.json")
-            self._maps[i], self._tables[i] = m, t
-        return t
-
     def _columns(self, columns: Sequence[str] | None) -> list[str]:
         if columns is None:
             return list(SCHEMA.names)
@@ -253,31 +185,21 @@ class PoolStore:
             raise KeyError(f"unknown column(s) {unknown}; a pool store has {SCHEMA.names}")
         return list(columns)
 
-    def _rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        r = np.asarray(rows)
-        if r.size and not np.issubdtype(r.dtype, np.integer):
-            raise TypeError(f"rows must be integers, got {r.dtype}")
-        r = r.astype(np.int64, copy=False).ravel()
-        if r.size and (r.min() < 0 or r.max() >= len(self)):
-            bad = int(r[(r < 0) | (r >= len(self))][0])
-            raise IndexError(f"row {bad} out of range for a pool of {len(self)} rows")
-        return r
-
     def take(self, rows: Sequence[int] | np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """The given rows (any order, repeats allowed) as a table, in the order given."""
         cols = self._columns(columns)
-        r = self._rows(rows)
+        r = self.check_rows(rows)
         empty = SCHEMA.empty_table().select(cols)
         if r.size == 0:
             return empty
-        shard = np.searchsorted(self._offsets, r, side="right") - 1
+        shard = self.shard_of(r)
         order = np.argsort(shard, kind="stable")
         sorted_shard = shard[order]
         parts = []
         for s in np.unique(sorted_shard):
             lo, hi = np.searchsorted(sorted_shard, [s, s + 1])
             local = r[order[lo:hi]] - self._offsets[s]
-            parts.append(self._table(int(s)).select(cols).take(pa.array(local)))
+            parts.append(self.table(int(s)).select(cols).take(pa.array(local)))
         out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         if not np.all(order[1:] > order[:-1]):  # put rows back in the order asked for
             out = out.take(pa.array(np.argsort(order, kind="stable")))
@@ -299,7 +221,7 @@ class PoolStore:
             s = int(np.searchsorted(self._offsets, start, side="right") - 1)
             while start < stop:
                 off = int(self._offsets[s])
-                t = self._table(s)
+                t = self.table(s)
                 k = min(stop, off + t.num_rows) - start
                 parts.append(t.select(cols).slice(start - off, k))
                 start += k
@@ -316,7 +238,7 @@ class PoolStore:
         if not self._shards:
             return pa.chunked_array([], pa.string())
         return pa.chunked_array([c for i in range(len(self._shards))
-                                 for c in self._table(i).column("id").chunks], pa.string())
+                                 for c in self.table(i).column("id").chunks], pa.string())
 
     def ids(self) -> list[str]:
         """All ids in row order as a Python list (row i has id ``ids()[i]``)."""
@@ -325,7 +247,7 @@ class PoolStore:
     def n_chars(self) -> np.ndarray:
         """Text length (Unicode code points) of every row, int64, read-only."""
         if self._n_chars is None:
-            parts = [self._table(i).column("n_chars").to_numpy() for i in range(len(self._shards))]
+            parts = [self.table(i).column("n_chars").to_numpy() for i in range(len(self._shards))]
             arr = np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
             arr.flags.writeable = False
             self._n_chars = arr

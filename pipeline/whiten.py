@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from .arrow_store import INDEX, shard_entry
 from .atomic import atomic_path, atomic_write_json, read_json, remove_stale_temps
 from .embed import EmbeddingStore, WhitenConfig, l2_normalize
-from .embed.store import INDEX, write_index, write_vector_shard
+from .embed.store import write_index, write_vector_shard
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def whiten_store(store: EmbeddingStore, whitener: Whitener, out_dir: str | Path,
             ids = store.shard_ids(i)
             write_vector_shard(out / s["file"], ids, w)
             zero_rows += int(np.count_nonzero(~w.any(axis=1)))
-            shards.append(dict(s))
+            shards.append(shard_entry(out, s["file"], len(ids), s["offset"]))
     write_index(out, rows=len(store), dim=store.dim, shards=shards, zero_rows=zero_rows,
                 embedder=store.embedder_info, whiten=whitener.info)
     return EmbeddingStore.open(out)

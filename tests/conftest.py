@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# datasets' cache is keyed by file paths, and pytest reuses its temp paths across sessions: a
+# cache of its own per session, so a test never reads another session's cached table
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="quadsel-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 def pytest_collection_modifyitems(config, items):

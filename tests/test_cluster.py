@@ -18,7 +18,8 @@ from quadsel.pipeline.cluster import (
     neighbour_graph,
     representatives,
 )
-from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, embed_batches, make_embedder
+from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore
+from quadsel.pipeline.feature_stage import embed_texts
 
 K = 30
 
@@ -29,10 +30,7 @@ def embedded(pool_sample, tmp_path_factory) -> tuple[EmbeddingStore, np.ndarray]
     for measurement only."""
     texts = [r["text"] for r in pool_sample]
     ids = [r["id"] for r in pool_sample]
-    emb = make_embedder(EmbedConfig())
-    emb.fit(texts)
-    batches = ((ids[s:s + 256], texts[s:s + 256]) for s in range(0, len(texts), 256))
-    store = embed_batches(emb, batches, tmp_path_factory.mktemp("emb") / "v", total=len(texts))
+    store = embed_texts(texts, EmbedConfig(), tmp_path_factory.mktemp("emb"), ids=ids)
     return store, np.array([r["domain"] for r in pool_sample])
 
 

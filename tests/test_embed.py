@@ -12,11 +12,12 @@ from quadsel.pipeline.embed import (
     Embedder,
     EmbeddingStore,
     EmbeddingStoreError,
-    embed_batches,
     load_embedder,
     make_embedder,
     sample_rows,
 )
+from quadsel.pipeline.embed.store import write_embeddings
+from quadsel.pipeline.feature_stage import embed_texts
 
 WORDS = ("the river runs past old mills and quiet farms while children play near the bridge "
          "markets open early traders sell bread fish cheese and apples to busy crowds").split()
@@ -135,13 +136,9 @@ def test_tfidf_fits_on_a_seeded_sample_and_clamps_dim():
 def test_tfidf_determinism_byte_identical_files(tmp_path):
     texts = corpus()
     for run in ("a", "b"):
-        emb = tfidf(seed=7)
-        emb.fit(texts)
-        emb.save(tmp_path / run / "embedder")
-        embed_batches(emb, batches(texts, 50), tmp_path / run / "vectors", total=len(texts),
-                      rows_per_shard=100)
+        embed_texts(texts, EmbedConfig(dim=16, seed=7, batch_size=50), tmp_path / run, rows_per_shard=100)
     same_folder(tmp_path / "a", tmp_path / "b")
-    assert len(list((tmp_path / "a" / "vectors").glob("vectors-*.arrow"))) == 3
+    assert len(list((tmp_path / "a" / "features").glob("part-*.arrow"))) == 3
 
 
 # -- store ---------------------------------------------------------------------------------------
@@ -170,7 +167,8 @@ def test_store_roundtrip_ids_vectors_batches(tmp_path):
     texts = corpus(53)
     emb = CountingEmbedder()
     expected = emb.transform(texts)
-    store = embed_batches(emb, batches(texts, 8), tmp_path / "v", total=len(texts), rows_per_shard=20)
+    store = write_embeddings(tmp_path / "v", [f"d{i}" for i in range(len(texts))], expected, rows_per_shard=20,
+                             embedder=emb.describe())
     again = EmbeddingStore.open(tmp_path / "v")
     for st in (store, again):
         assert len(st) == 53 and st.dim == 6
@@ -189,14 +187,15 @@ def test_store_roundtrip_ids_vectors_batches(tmp_path):
 
 def test_store_single_shard_is_zero_copy(tmp_path):
     texts = corpus(30)
-    store = embed_batches(CountingEmbedder(), batches(texts, 8), tmp_path / "v")
+    store = write_embeddings(tmp_path / "v", [f"d{i}" for i in range(30)], CountingEmbedder().transform(texts))
     v = store.vectors()
     assert not v.flags.writeable and not v.flags.owndata  # a view of the mapped file
 
 
 def test_store_sample_is_seeded_subset(tmp_path):
     texts = corpus(200)
-    store = embed_batches(CountingEmbedder(), batches(texts, 64), tmp_path / "v", rows_per_shard=50)
+    store = write_embeddings(tmp_path / "v", [f"d{i}" for i in range(200)], CountingEmbedder().transform(texts),
+                             rows_per_shard=50)
     s1 = store.sample(40, seed=1)
     assert s1.shape == (40, 6)
     assert np.array_equal(s1, store.sample(40, seed=1))
@@ -205,13 +204,29 @@ def test_store_sample_is_seeded_subset(tmp_path):
     assert np.array_equal(store.sample(500, seed=0), store.vectors())
 
 
-def test_store_refuses_unfinished_folder_and_bad_batches(tmp_path):
+def test_store_refuses_unfinished_folder_and_bad_input(tmp_path):
     (tmp_path / "v").mkdir()
     with pytest.raises(EmbeddingStoreError, match="index.json"):
         EmbeddingStore.open(tmp_path / "v")
-    with pytest.raises(ValueError, match="2 ids but 1 texts"):
-        embed_batches(CountingEmbedder(), [(["a", "b"], ["x"])], tmp_path / "w")
+    with pytest.raises(ValueError, match="2 ids for vectors of shape"):
+        write_embeddings(tmp_path / "w", ["a", "b"], np.zeros((1, 3), np.float32))
     assert not (tmp_path / "w" / "index.json").exists()
+    with pytest.raises(ValueError, match="2 ids for 1 texts"):
+        embed_texts(["x"], EmbedConfig(dim=4), tmp_path / "t", ids=["a", "b"])
+
+
+def test_store_refuses_a_changed_or_inconsistent_shard(tmp_path):
+    texts = corpus(40)
+    write_embeddings(tmp_path / "v", [f"d{i}" for i in range(40)], CountingEmbedder().transform(texts),
+                     rows_per_shard=20)
+    shard = tmp_path / "v" / "vectors-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(EmbeddingStoreError, match="modified after it was written"):
+        EmbeddingStore.open(tmp_path / "v")
+    index = tmp_path / "v" / "index.json"
+    index.write_text(index.read_text().replace('"rows": 40', '"rows": 41'))
+    with pytest.raises(EmbeddingStoreError, match="malformed index"):
+        EmbeddingStore.open(tmp_path / "v")
 
 
 # -- Hugging Face encoder (a tiny local BERT, no downloads) ----------------------------------------

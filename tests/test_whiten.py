@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from quadsel.pipeline.cluster import ClusterConfig, cluster_store
 from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, WhitenConfig
-from quadsel.pipeline.embed.store import write_index, write_vector_shard
+from quadsel.pipeline.embed.store import write_embeddings
 from quadsel.pipeline.whiten import Whitener, fit_whitener, maybe_whiten, whiten_store
 
 
@@ -18,14 +18,8 @@ def correlated(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def make_store(root, x: np.ndarray, rows_per_shard: int) -> EmbeddingStore:
-    shards = []
-    for i, a in enumerate(range(0, len(x), rows_per_shard)):
-        name = f"vectors-{i:05d}.arrow"
-        part = x[a:a + rows_per_shard]
-        write_vector_shard(root / name, [f"v{a + j}" for j in range(len(part))], part)
-        shards.append({"file": name, "rows": len(part), "offset": a})
-    write_index(root, rows=len(x), dim=x.shape[1], shards=shards, zero_rows=0, embedder={"kind": "test"})
-    return EmbeddingStore.open(root)
+    return write_embeddings(root, [f"v{i}" for i in range(len(x))], x, rows_per_shard=rows_per_shard,
+                            embedder={"kind": "test"})
 
 
 def cov(y: np.ndarray) -> np.ndarray:

@@ -6,12 +6,13 @@
 - :mod:`.hf`     any Hugging Face encoder, mean-pooled over non-padding tokens
 - ``hidden`` / ``gradient`` (a causal LM's mean-pooled hidden state / projected per-example
   gradients) live in :mod:`influence.embedders` and are imported by kind on first use
-- :mod:`.store`  ``embed_batches`` (stream -> shards) and ``EmbeddingStore`` (memory-mapped reads)
+- :mod:`.store`  ``EmbeddingStore`` (memory-mapped reads); vectors are written by
+                 :mod:`quadsel.pipeline.feature_stage`, the one embed path
 """
 from .base import EmbedConfig, Embedder, WhitenConfig, l2_normalize, load_embedder, make_embedder, sample_rows
-from .store import EmbeddingStore, EmbeddingStoreError, embed_batches
+from .store import EmbeddingStore, EmbeddingStoreError
 
 __all__ = [
-    "EmbedConfig", "Embedder", "EmbeddingStore", "EmbeddingStoreError", "embed_batches",
+    "EmbedConfig", "Embedder", "EmbeddingStore", "EmbeddingStoreError",
     "l2_normalize", "load_embedder", "make_embedder", "sample_rows", "WhitenConfig",
 ]
