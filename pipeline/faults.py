@@ -20,11 +20,11 @@ from collections import Counter
 ENV = "QUADSEL_FAULT"
 
 POINTS = {
-    "sources.file": "quadsel.pipeline.sources: before each input file is read",
+    "sources.file": "quadsel.pipeline.sources.readers: before each input file is read",
     "store.batch": "quadsel.pipeline.store: after each incoming batch of validated rows is buffered",
     "stage.commit.<name>": "quadsel.pipeline.stage: a stage's _DONE marker written, folder not yet in place",
     "stage.swap.<name>": "quadsel.pipeline.stage: the outdated stage folder moved aside, new one not in place",
-    "embed.batch": "quadsel.jobs.stages: before each batch of texts is embedded",
+    "embed.batch": "quadsel.pipeline.feature_stage: before each chunk of texts is embedded (local backend)",
     "cluster.trained": "quadsel.jobs.stages: k-means done, result not yet saved",
     "proxy.trained": "quadsel.jobs.models: proxy model trained and saved, stage not committed",
     "scorer.fitted": "quadsel.jobs.models: curvature fitted, reference not yet set",

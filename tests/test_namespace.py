@@ -79,6 +79,7 @@ def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"quadsel"}, tops
-    for sub in ("pipeline/shards.py", "pipeline/embed/tfidf.py", "influence/scorers.py", "selection/bandit.py",
+    for sub in ("pipeline/shards/writer.py", "pipeline/sources/readers.py", "pipeline/embed/tfidf.py",
+                "influence/scorers.py", "selection/bandit.py",
                 "jobs/cli.py", "__init__.py", "__main__.py"):
         assert f"quadsel/{sub}" in names

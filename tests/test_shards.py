@@ -512,7 +512,7 @@ def test_disk_full_leaves_previous_state_valid(tmp_path, monkeypatch, where):
         elif where == "generation-manifest":
             def fail(*args, **kwargs):
                 raise _enospc()
-            monkeypatch.setattr(shards, "atomic_write_json", fail)
+            monkeypatch.setattr(shards.writer, "atomic_write_json", fail)  # the generation manifest
         elif where == "top-manifest":
             real_wb = Path.write_bytes
 
