@@ -10,7 +10,7 @@ import torch
 from quadsel.influence import FeatureExtractor, InfluenceModel
 from quadsel.influence.testing import random_texts, tiny_model, tiny_tokenizer
 from quadsel.pipeline.embed import EmbedConfig, EmbeddingStore, l2_normalize, load_embedder, make_embedder
-from quadsel.pipeline.embed.base import EMBEDDERS
+from quadsel.pipeline.embed.base import embedder_kinds
 from quadsel.pipeline.feature_stage import run_feature_stage
 from quadsel.pipeline.sources import Example
 from quadsel.pipeline.store import PoolStore
@@ -51,7 +51,7 @@ def direct_mean_pool(model_dir: Path, texts: list[str], layer: int) -> np.ndarra
 
 
 def test_registry_loads_model_embedders_lazily():
-    assert all(EMBEDDERS[k].startswith("quadsel.influence.") for k in ("hidden", "gradient"))
+    assert all(embedder_kinds()[k].startswith("quadsel.influence.") for k in ("hidden", "gradient"))
     with pytest.raises(ValueError, match="embed.model is not set"):
         make_embedder(EmbedConfig(kind="gradient"))
     c = EmbedConfig(kind="hidden").with_default_model("/models/proxy")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -73,8 +74,16 @@ def test_user_folder_named_like_a_subpackage_does_not_shadow(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
+    # built from a copy of the tracked files: a build in the checkout would leave build/ and a
+    # quadsel.egg-info there, whose metadata shadows the installed one for code run from the root
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("quadsel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
@@ -83,3 +92,6 @@ def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
                 "influence/scorers.py", "selection/bandit.py",
                 "jobs/cli.py", "__init__.py", "__main__.py"):
         assert f"quadsel/{sub}" in names
+    (eps,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(eps).decode()
+    assert "[quadsel.embedders]" in text and "hidden = quadsel.influence.embedders:HiddenStateEmbedder" in text

@@ -1,7 +1,7 @@
 """Embedding the pool: one L2-normalised float32 vector per example, stored as Arrow shards.
 
 - :mod:`.base`   ``EmbedConfig`` (+ ``WhitenConfig``), the ``Embedder`` interface, the kind
-                 registry ``EMBEDDERS``, ``make_embedder`` / ``load_embedder``
+                 registry (``embedder_kinds``: entry points ``quadsel.embedders``), ``make_embedder`` / ``load_embedder``
 - :mod:`.tfidf`  hashed word+symbol n-grams -> tf-idf -> truncated SVD (default, no model)
 - :mod:`.hf`     any Hugging Face encoder, mean-pooled over non-padding tokens
 - ``hidden`` / ``gradient`` (a causal LM's mean-pooled hidden state / projected per-example

@@ -137,25 +137,32 @@ class Embedder(ABC):
         return {"kind": self.kind, "dim": int(self.dim)}
 
 
-# kind -> "module:Class", imported on first use (the model-based embedders live in
-# influence/, which pipeline/ must not depend on at import time)
-EMBEDDERS: dict[str, str] = {
-    "tfidf": "quadsel.pipeline.embed.tfidf:TfidfEmbedder",
-    "hf": "quadsel.pipeline.embed.hf:HFEmbedder",
-    "hidden": "quadsel.influence.embedders:HiddenStateEmbedder",
-    "gradient": "quadsel.influence.embedders:GradientEmbedder",
-}
+ENTRY_POINTS = "quadsel.embedders"
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def embedder_kinds() -> dict[str, str]:
+    """kind -> "module:Class" of every registered embedder. A package registers its own in its
+    metadata (entry-point group ``quadsel.embedders``): quadsel's pyproject registers tfidf and hf
+    (this package) and hidden and gradient (:mod:`quadsel.influence.embedders`); a kind's module
+    is imported on first use only."""
+    return {name: ep.value for name, ep in _entry_points().items()}
 
 
 def _embedder_class(kind: str) -> type[Embedder]:
-    import importlib
-
-    target = EMBEDDERS.get(kind)
-    if target is None:
-        known = ", ".join(repr(k) for k in EMBEDDERS)
+    eps = _entry_points()
+    if not eps:
+        raise RuntimeError(f"no embedders registered (entry-point group {ENTRY_POINTS!r} is empty): quadsel's "
+                           "installed metadata is missing or stale; reinstall it (pip install -e . or make install)")
+    if kind not in eps:
+        known = ", ".join(repr(k) for k in eps)
         raise ValueError(f"unknown embedder kind {kind!r} (expected one of {known})")
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    return eps[kind].load()
 
 
 def make_embedder(cfg: EmbedConfig) -> Embedder:
