@@ -23,6 +23,7 @@ _EPILOG = """examples:
   quadsel inspect runs/my-run --top 30
   quadsel inspect runs/my-run --cluster 12
   quadsel report runs/my-run                 a self-contained runs/my-run/report.html
+  quadsel verify runs/my-run                 the shards against the manifest (sizes, rows, sha256)
   quadsel pack runs/my-run --tokenizer PATH --seq-len 2048   token ids for pre-tokenized trainers
   quadsel config --defaults > job.yaml       a full config with every default
 """
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "budget progress, rejects, domain mix, config and timings.")
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--out", help="where to write it (default: RUN_DIR/report.html)")
+    _add_common(p)
+
+    p = sub.add_parser("verify", help="check a finished selection: shards against the manifest, cluster tables",
+                       description="Every shard listed in RUN_DIR/manifest.json exists with its recorded size, "
+                                   "rows and sha256, and clusters/summary.parquet describes the shards' clusters. "
+                                   "Reads only; exit 2 with the first problem found.")
+    p.add_argument("run_dir", help="a run directory")
     _add_common(p)
 
     from quadsel.pipeline import pack
@@ -235,6 +243,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from quadsel.pipeline.shards import read_manifest, verify
+
+    from .inspect import InspectError, selection_tables_problem
+
+    verify(args.run_dir)
+    why = selection_tables_problem(args.run_dir)
+    if why:
+        raise InspectError(why)
+    m = read_manifest(args.run_dir)
+    print(json.dumps({"ok": True, "run_dir": str(args.run_dir), "format": m["format"], "shards": len(m["shards"]),
+                      "rows": m["total_rows"]}, indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import ConfigError, dump_config, load_config
 
@@ -267,7 +290,7 @@ def cmd_pack(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "cluster": cmd_cluster, "inspect": cmd_inspect, "report": cmd_report,
-            "pack": cmd_pack, "config": cmd_config}
+            "verify": cmd_verify, "pack": cmd_pack, "config": cmd_config}
 
 
 def _quiet_third_party() -> None:

@@ -15,8 +15,10 @@ from quadsel.pipeline.progress import run_log
 from .config import JobConfig
 from .stages import (
     MODEL_EMBEDDERS,
+    JobError,
     RunContext,
     cluster_pool,
+    cluster_summary_matches,
     cluster_table,
     embed_pool,
     read_sources,
@@ -43,7 +45,9 @@ def run_cluster(cfg: JobConfig) -> dict[str, Any]:
 
 def _run_cluster(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.monotonic()
-    ctx = RunContext.create(cfg)
+    # a run dir that holds a finished selection: preflight refused other clustering settings, and
+    # the run-level files (config.resolved.yaml, rejects.jsonl) keep describing the selection
+    ctx = RunContext.create(cfg, keep_committed=True, command="cluster")
     pool, _ = read_sources(ctx)
     model_dir = None
     if cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None:
@@ -52,9 +56,20 @@ def _run_cluster(cfg: JobConfig) -> dict[str, Any]:
         model_dir = prepare_model(ctx, pool)  # hidden/gradient features of the proxy model
     emb = embed_pool(ctx, pool, model_dir)
     result = cluster_pool(ctx, emb)
-    write_assignments(ctx, pool, result)
-    table = cluster_table(pool, result, neighbour_gamma(cfg))
-    write_cluster_summary(ctx, table)
+    if ctx.pending:  # the selection's clusters/ (with its bandit columns) stay as they are
+        ctx.discard_pending()
+        if not cluster_summary_matches(ctx, result, warn=False):
+            raise JobError(
+                f"{ctx.run_dir} holds a finished selection whose clusters are not this clustering (the pool's "
+                "files changed since it was made?); its clusters/ tables are left as they are: run `quadsel "
+                "run` to make a new selection from the pool as it is now, or give this clustering its own "
+                "run directory (--run-dir DIR)")
+        logger.info("%s holds a finished selection with these clusters: clusters/ already describes them "
+                    "(with the selection's columns), left as it is", ctx.run_dir)
+    else:
+        write_assignments(ctx, pool, result)
+        table = cluster_table(pool, result, neighbour_gamma(cfg))
+        write_cluster_summary(ctx, table)
     sizes = np.bincount(result.assignments, minlength=len(result.centroids))
     ctx.timings["total"] = round(time.monotonic() - t0, 3)
     summary = {

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +22,7 @@ from quadsel.pipeline.store import PoolStore
 from .report_data import InspectError, summary_rows, top_terms
 from .stages import snippet
 
-__all__ = ["InspectError", "inspect_clusters", "inspect_cluster", "cluster_members"]
+__all__ = ["InspectError", "inspect_clusters", "inspect_cluster", "cluster_members", "selection_tables_problem"]
 
 BANDIT_COLUMNS = ("pulls", "mean_reward", "reward_sd", "cs", "probed")
 
@@ -79,6 +80,9 @@ def inspect_clusters(run_dir: str | Path, *, top: int = 20, console: Console | N
     has_sel = "selected" in (rows[0] if rows else {})
     has_reward, has_cs = _has(rows, "mean_reward"), _has(rows, "cs")
     has_pulls = any((r.get("pulls") or 0) > 0 for r in rows)
+    stale = selection_tables_problem(run_dir)
+    if stale:
+        logging.getLogger(__name__).warning("%s", stale)
     terms = _terms(run_dir, len(rows))
     rows = sorted(rows, key=_sort_key(has_sel, has_cs))
     total = sum(r["size"] for r in rows)
@@ -193,3 +197,37 @@ def inspect_cluster(run_dir: str | Path, cluster: int, *, top: int = 20,
     if terms is not None:
         console.print(f"[bold]top terms:[/bold] {', '.join(terms[cluster])}")
     console.print(t)
+
+
+def selection_tables_problem(run_dir: str | Path) -> str | None:
+    """Whether ``clusters/summary.parquet`` describes the selection in the shards (its per-cluster
+    ``selected`` counts are the shards' ``quadsel_cluster`` counts); None when it does, or when the
+    run dir holds no selection or no cluster table. A table rewritten under a finished selection
+    (an older ``quadsel cluster`` with another k did that) is named here, not shown as if it fit."""
+    import pyarrow.ipc as ipc
+
+    from quadsel.pipeline.shards import data_files, read_manifest
+
+    run_dir = Path(run_dir)
+    path = run_dir / "clusters" / "summary.parquet"
+    if not (run_dir / "manifest.json").is_file() or not path.is_file():
+        return None
+    table = pq.read_table(path)
+    fix = "rerun `quadsel run` with the selection's config to write the selection's tables again"
+    if "selected" not in table.column_names:
+        return (f"{path} has no selection columns (rewritten by `quadsel cluster`?): it does not describe "
+                f"the selection; {fix}")
+    fmt = read_manifest(run_dir)["format"]
+    counts: dict[int, int] = {}
+    for f in data_files(run_dir):
+        t = pq.read_table(f, columns=["quadsel_cluster"]) if fmt == "parquet" else ipc.open_file(f).read_all()
+        col = t.column("quadsel_cluster").to_numpy()
+        for c, n in zip(*np.unique(col, return_counts=True)):
+            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    said = {int(c): int(n) for c, n in zip(table.column("cluster").to_pylist(), table.column("selected").to_pylist())
+            if n}
+    if said != counts:
+        return (f"{path} does not describe the selection: its selected counts per cluster ({len(said)} clusters, "
+                f"{sum(said.values())} rows) differ from the shards' quadsel_cluster ({len(counts)} clusters, "
+                f"{sum(counts.values())} rows); {fix}")
+    return None

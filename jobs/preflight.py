@@ -189,6 +189,10 @@ def config_problems(cfg: JobConfig, command: str = "run") -> list[str]:
             and cfg.ray.num_cpus_per_actor > (os.cpu_count() or 1)):
         out.append(f"ray.num_cpus_per_actor = {cfg.ray.num_cpus_per_actor:g} but this machine has "
                    f"{os.cpu_count()} CPUs (Ray is started locally): no actor could ever be placed")
+    if command == "cluster":
+        why = selection_clash(cfg)
+        if why:
+            out.append(why)
     if command == "run" and cfg.selection.method != "random":
         try:
             kwargs = scorer_kwargs(cfg.scorer, cfg.seed)
@@ -201,6 +205,48 @@ def config_problems(cfg: JobConfig, command: str = "run") -> list[str]:
         except JobError as e:
             out.append(str(e))
     return out
+
+
+def _differences(old: Any, new: Any, where: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            _differences(old.get(k), new.get(k), f"{where}.{k}", out)
+    elif old != new:
+        out.append(f"{where} = {new!r} (the selection's: {old!r})")
+
+
+def selection_clash(cfg: JobConfig) -> str | None:
+    """``quadsel cluster`` into a run directory that holds a finished selection made with other
+    clustering settings (pool, embed, cluster, the seed they take, the model a model-based
+    embedder uses): why it is refused, or None. Its ``clusters/`` tables and cached stages
+    describe the selection's shards; replacing them would make ``inspect`` and ``report``
+    disagree with the shards."""
+    from .config import ConfigError, load_config
+
+    run_dir = Path(cfg.run_dir)
+    made_path = run_dir / "config.resolved.yaml"
+    if not (run_dir / "manifest.json").is_file() or not made_path.is_file():
+        return None
+    try:
+        made = load_config(made_path)
+    except (ConfigError, OSError):  # unreadable: the clustering's result is compared instead
+        return None
+    sections = ["pool", "embed", "cluster"]
+    if cfg.embed.seed is None or cfg.cluster.seed is None:
+        sections.append("seed")
+    if cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None:
+        sections.append("model")
+    was, now = made.model_dump(mode="json"), cfg.model_dump(mode="json")
+    diffs: list[str] = []
+    for name in sections:
+        _differences(was.get(name), now.get(name), name, diffs)
+    if not diffs:
+        return None
+    shown = "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    return (f"run_dir: {run_dir} holds a finished selection whose clusters/ and cached stages describe its "
+            f"shards, made with other clustering settings ({shown}); `quadsel cluster` there would replace "
+            "them while the shards keep the old clusters: give this clustering its own run directory "
+            "(--run-dir DIR), or make a new selection with these settings (`quadsel run`)")
 
 
 def _compatibility_problems(cfg: JobConfig, kwargs: dict[str, Any]) -> list[str]:

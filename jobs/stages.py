@@ -306,7 +306,7 @@ def cluster_table(store: PoolStore, result: ClusterResult, gamma: float,
     return pa.table(cols)
 
 
-def cluster_summary_matches(ctx: RunContext, result: ClusterResult) -> bool:
+def cluster_summary_matches(ctx: RunContext, result: ClusterResult, *, warn: bool = True) -> bool:
     """Whether ``clusters/summary.parquet`` describes ``result`` (one row per cluster, its sizes).
     ``quadsel cluster`` with other settings may have rewritten it under a finished selection; the
     selection's rerun then writes its own tables again instead of answering "already complete"."""
@@ -317,7 +317,7 @@ def cluster_summary_matches(ctx: RunContext, result: ClusterResult) -> bool:
         return False
     want = np.bincount(result.assignments, minlength=len(result.centroids))
     ok = len(sizes) == len(want) and bool(np.array_equal(sizes, want))
-    if not ok:
+    if not ok and warn:
         logger.warning("%s does not describe this selection's %d clusters (rewritten by `quadsel cluster` with "
                        "other settings?); writing the selection's tables again", path, len(want))
     return ok

@@ -1,5 +1,7 @@
 """Bounded fuzz (issue 15): random config values and damaged input bytes give exit code 0 or 2
-(or a SourceError naming the file), never a traceback. Seeded, so a failure reproduces."""
+(or a SourceError naming the file), never a traceback; every fuzzed run that finishes leaves a
+run dir that `quadsel verify` accepts. Seeded (QUADSEL_FUZZ_SEED shifts it), so a failure
+reproduces; each test stops after TIME_LIMIT_S."""
 from __future__ import annotations
 
 import io
@@ -67,9 +69,72 @@ def test_config_fuzz_exit_0_or_2(tmp_path, capsys):
         assert "Traceback" not in err, (cfg, err)
         if rc == 2:
             assert err.startswith("quadsel config: error: "), (cfg, err)
+        else:  # accepted: --check wrote nothing, so there is no manifest for `quadsel verify` to check
+            assert not (tmp_path / "run" / "manifest.json").exists()
         n += 1
     assert n >= 20
     assert not (tmp_path / "run").exists()  # --check never writes
+
+
+# fields a real run reads (no paths: a fuzzed run_dir or pool.path could write or read anywhere),
+# each with values that are often valid, so that many runs finish and their run dir is verified
+_RUN_FIELDS = {
+    "seed": [0, 1, 7, -1, "x"],
+    "pool.max_chars": [5, 40, 1500, 0, -1],
+    "pool.overlong": ["truncate", "reject", "bogus"],
+    "pool.batch_size": [1, 7, 64, 0],
+    "pool.text_field": ["text", "tag", "nope"],
+    "embed.dim": [2, 3, 8, 64, 0],
+    "embed.fit_sample": [2, 10, 1000, 1],
+    "embed.seed": [None, 3, -1],
+    "cluster.k": [1, 2, 3, 7, 59, 60, 61],
+    "cluster.niter": [1, 5, 0],
+    "cluster.seed": [None, 5],
+    "selection.budget.amount": [1, 10, 59, 60, 61, 0, None],
+    "selection.budget.fraction": [0.01, 0.5, 1.0, 0.0, 1.5],
+    "output.format": ["arrow", "parquet", "csv"],
+    "output.max_rows": [1, 7, 1000, 0],
+    "output.shuffle": [True, False, "maybe"],
+}
+
+
+@pytest.mark.slow
+def test_run_fuzz_every_finished_run_dir_verifies(tmp_path, capsys):
+    """Real runs (random selection, no model, no Ray) with fuzzed values, one after the other in
+    the same run directory (each a rerun over the last one's state): exit 0 or 2 and never a
+    traceback; after every exit 0, `quadsel verify` accepts the run dir."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run_dir = tmp_path / "run"
+    base = {"run_dir": str(run_dir), "pool": {"path": str(pool)}, "embed": {"dim": 8},
+            "cluster": {"k": 3}, "selection": {"method": "random", "budget": {"amount": 10}},
+            "ray": {"enabled": False}}
+    rng = random.Random(4321 + SEED_OFFSET)
+    t0, n, ok = time.monotonic(), 0, 0
+    while time.monotonic() - t0 < TIME_LIMIT_S and n < 25:
+        cfg = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            field = rng.choice(sorted(_RUN_FIELDS))
+            value = rng.choice(_RUN_FIELDS[field])
+            _set(cfg, field, value)
+            if field == "selection.budget.fraction":  # amount or fraction: one of them
+                cfg["selection"]["budget"].pop("amount", None)
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+        capsys.readouterr()
+        rc = main(["run", str(job), "-q", "--progress", "quiet"])
+        out, err = capsys.readouterr()
+        assert rc in (0, 2), (cfg, err)
+        assert "Traceback" not in err, (cfg, err)
+        if rc == 2:
+            assert err.startswith("quadsel run: error: "), (cfg, err)
+        else:
+            ok += 1
+            rc = main(["verify", str(run_dir), "-q"])
+            out, err = capsys.readouterr()
+            assert rc == 0 and json.loads(out)["ok"], (cfg, err)
+        n += 1
+    assert n >= 5 and ok >= 2, (n, ok)
 
 
 def _files() -> dict[str, bytes]:

@@ -91,8 +91,8 @@ def test_rerun_with_a_changed_dtype_recomputes_and_the_run_dir_says_what_it_hold
     assert s16["run_key"] != s32["run_key"]
     assert yaml.safe_load((run / "config.resolved.yaml").read_text())["model"]["dtype"] == "bfloat16"
     manifest = json.loads((run / "manifest.json").read_text())
-    from quadsel.jobs.config import load_config
     from quadsel.pipeline.atomic import stable_hash
+    from quadsel.jobs.config import load_config
 
     now = load_config(run / "config.resolved.yaml")
     assert manifest["config_hash"] == stable_hash(now.model_dump(mode="json", exclude={"run_dir"}))
@@ -117,24 +117,70 @@ def test_a_diverged_proxy_is_named_not_a_traceback(tmp_path, capsys):
     assert "non-finite score" in err and "model.proxy.lr" in err, err
 
 
-def test_cluster_with_another_k_then_run_again_leaves_a_consistent_run_dir(tmp_path, capsys):
+def test_cluster_on_a_finished_selection_never_rewrites_what_describes_its_shards(tmp_path, capsys):
+    """`quadsel cluster` with another k into a run dir that holds a finished selection is refused
+    up front (one line naming the setting, exit 2) and changes nothing there; with the selection's
+    own clustering settings it answers from the cache and leaves the selection's tables (with their
+    bandit columns) and config.resolved.yaml as they are; in its own run dir it clusters as asked.
+    inspect, report and verify keep agreeing with the shards, and `run` is still complete."""
     import pyarrow.parquet as pq
+
+    from quadsel.jobs.inspect import summary_rows
 
     cfg = small_job(tmp_path, method="random")
     job = _write(tmp_path / "job.yaml", cfg)
     rc, err = _run(job, capsys)
     assert rc == 0, err
     run = tmp_path / "run"
-    shards = {f: Path(f).read_bytes() for f in data_files(run)}
+    watched = [run / "clusters" / "summary.parquet", run / "clusters" / "assignments.parquet",
+               run / "config.resolved.yaml", run / "rejects.jsonl", run / "manifest.json",
+               run / "stages" / "cluster" / "_DONE.json", *map(Path, data_files(run))]
+    before = {f: f.read_bytes() for f in watched}
+
     capsys.readouterr()
-    assert main(["cluster", str(job), *Q, "--set", "cluster.k=5"]) == 0
-    assert pq.read_metadata(run / "clusters" / "summary.parquet").num_rows == 5
-    rc, err = _run(job, capsys)  # not "already complete": the cluster tables no longer match
-    assert rc == 0, err
-    assert pq.read_metadata(run / "clusters" / "summary.parquet").num_rows == 12
-    assert pq.read_table(run / "clusters" / "assignments.parquet").column("cluster").to_numpy().max() == 11
-    assert {f: Path(f).read_bytes() for f in data_files(run)} == shards
+    assert main(["cluster", str(job), *Q, "--set", "cluster.k=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("quadsel cluster: error: run_dir: "), err
+    assert "holds a finished selection" in err and "cluster.k = 5 (the selection's: 12)" in err, err
+    assert "--run-dir" in err
+    assert {f: f.read_bytes() for f in watched} == before
+
+    # the selection's clustering settings (other selection settings do not matter): cached, unchanged
+    for extra in ([], ["--set", "selection.budget.amount=10"]):
+        capsys.readouterr()
+        assert main(["cluster", str(job), *Q, *extra]) == 0, capsys.readouterr().err
+        assert {f: f.read_bytes() for f in watched} == before
+        assert not list(run.glob("*.pending"))
+    rows = summary_rows(run)
+    assert len(rows) == 12 and sum(r["selected"] for r in rows) == 60  # inspect agrees with the shards
+    table = _table(run)
+    got = {}
+    for c in table.column("quadsel_cluster").to_pylist():
+        got[c] = got.get(c, 0) + 1
+    assert {r["cluster"]: r["selected"] for r in rows if r["selected"]} == got
+
+    # its own run dir: clustered as asked
+    capsys.readouterr()
+    assert main(["cluster", str(job), *Q, "--set", "cluster.k=5", "--run-dir", str(tmp_path / "k5")]) == 0
+    assert pq.read_metadata(tmp_path / "k5" / "clusters" / "summary.parquet").num_rows == 5
+
+    rc, err = _run(job, capsys)
+    assert rc == 0, err  # still complete: nothing it depends on changed
+    assert {f: f.read_bytes() for f in watched} == before
     verify(run)
+    assert main(["report", str(run), *Q]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(run), *Q]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 60
+
+    # a run dir whose cluster table an older quadsel rewrote under the selection: verify and
+    # inspect say so instead of showing it as the selection's
+    (run / "clusters" / "summary.parquet").write_bytes((tmp_path / "k5" / "clusters" / "summary.parquet").read_bytes())
+    assert main(["verify", str(run), *Q]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quadsel verify: error: ") and "does not describe the selection" in err, err
+    assert main(["inspect", str(run), *Q]) == 0
+    assert "does not describe the selection" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("texts", [["spam"] * 40, ["spam " * (i % 4 + 1) for i in range(40)],
