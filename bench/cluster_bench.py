@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results_cluster.md")
     args = p.parse_args(argv)
 
-    from quadsel.pipeline.atomic import atomic_write_text
+    from quadsel.core.atomic import atomic_write_text
+    from quadsel.core.progress import configure_logging
     from quadsel.pipeline.cluster import cpu_budget
-    from quadsel.pipeline.progress import configure_logging
 
     configure_logging("INFO", progress="log")
     threads = args.threads or cpu_budget()

@@ -304,7 +304,7 @@ def accuracy(args) -> int:
     print(text)
     out = Path(args.out)
     existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
-    from quadsel.pipeline.atomic import atomic_write_text
+    from quadsel.core.atomic import atomic_write_text
 
     atomic_write_text(out, replace_section(existing, lines[0], text))
     return 0
@@ -376,7 +376,7 @@ def write_report(args, cfg, res, info) -> None:
     out = Path(args.out)
     header = section_header(args, cfg, info)
     existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
-    from quadsel.pipeline.atomic import atomic_write_text
+    from quadsel.core.atomic import atomic_write_text
 
     atomic_write_text(out, replace_section(existing, header, text))
 

@@ -156,7 +156,7 @@ class AttentionInfluenceScorer(Scorer):
     def losses(self, texts: Sequence[str],
                heads: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(L_base, L_masked)`` per text (float64, input order); ``heads`` default: the selected ones."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         texts = _check_texts(texts)
         heads = self.heads if heads is None else self._check_heads(heads, "heads")
@@ -189,7 +189,7 @@ class AttentionInfluenceScorer(Scorer):
         return {"heads": [list(h) for h in self.heads], "n_layers": self.n_layers, "n_heads": self.n_heads}
 
     def _save_state(self, directory: Path) -> None:
-        from quadsel.pipeline.atomic import atomic_write_text, canonical_json
+        from quadsel.core.atomic import atomic_write_text, canonical_json
 
         scores = None if self.head_scores is None else [[float(x) for x in row] for row in self.head_scores]
         state = {"n_layers": self.n_layers, "n_heads": self.n_heads, "heads": [list(h) for h in self.heads],

@@ -127,7 +127,7 @@ class Scorer(ABC):
         The model is referenced by its source path/id; it is copied into ``directory/model``
         when ``save_model`` is True, or when it has no source (built in memory).
         """
-        from quadsel.pipeline.atomic import atomic_write_text, canonical_json
+        from quadsel.core.atomic import atomic_write_text, canonical_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ class Curvature(ABC):
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from quadsel.pipeline.atomic import atomic_path, atomic_write_text, canonical_json
+        from quadsel.core.atomic import atomic_path, atomic_write_text, canonical_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class KFAC(Curvature):
 
     # -------------------------------------------------------------- fitting
     def fit(self, im, layers, texts, batch_size=None):
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         texts = list(texts)
         if not texts:
@@ -201,7 +201,7 @@ class EKFAC(KFAC):
     name = "ekfac"
 
     def fit(self, im, layers, texts, batch_size=None):
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         super().fit(im, layers, texts, batch_size)  # covariances + eigenbases
         layers = list(layers)

@@ -87,7 +87,7 @@ class DataInfScorer(GradientScorer):
     # -------------------------------------------------------------- fit
     def per_layer_sq_norms(self, texts: Sequence[str]) -> np.ndarray:
         """``‖g_i,l‖²`` per example and tracked layer, full space: ``[n, L]`` float64."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         out = np.zeros((len(texts), len(self.layers)), dtype=np.float64)
         cur: dict[str, torch.Tensor] = {}
@@ -137,7 +137,7 @@ class DataInfScorer(GradientScorer):
 
     def apply_inverse(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``w_l = (1/λ_l)(v_l − (1/n) Σ_i c_i g_i)`` per layer, streaming the fit texts once."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         if not self.fit_texts:
             raise RuntimeError(f"scorer {self.name!r}: call fit(texts) before set_reference")
@@ -175,7 +175,7 @@ class DataInfScorer(GradientScorer):
         return meta
 
     def _save_state(self, directory: Path) -> None:
-        from quadsel.pipeline.atomic import atomic_write_text, canonical_json
+        from quadsel.core.atomic import atomic_write_text, canonical_json
 
         super()._save_state(directory)
         if self.is_fitted:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quadsel.pipeline.atomic import atomic_write_json
+from quadsel.core.atomic import atomic_write_json
 from quadsel.pipeline.embed.base import META, EmbedConfig, Embedder, l2_normalize
 
 from .features import FeatureExtractor

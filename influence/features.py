@@ -73,7 +73,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def compute_batches(self, batches: Iterable[Batch], n: int) -> Features:
         """Features for pre-built batches whose ``index`` values lie in ``range(n)``."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         out = np.zeros((n, self.layout.dim), dtype=self.out_dtype)
         slots = self.layout.slots

@@ -165,7 +165,7 @@ class Regressor:
         return out.astype(np.float64)
 
     def save(self, path: Path) -> None:
-        from quadsel.pipeline.atomic import atomic_path
+        from quadsel.core.atomic import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **self.arrays)

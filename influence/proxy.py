@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from quadsel.pipeline.progress import Progress
+from quadsel.core.progress import Progress
 
 logger = logging.getLogger(__name__)
 

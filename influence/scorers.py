@@ -146,7 +146,7 @@ class GradientScorer(Scorer):
 
     def _mean_gradient(self, texts: Sequence[str], weights: np.ndarray | None) -> list[torch.Tensor]:
         """``(1/m) Σ_j w_j G_j`` per layer in the full ``[out, in]`` space (float64, CPU)."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         acc = [torch.zeros(t.out_features, t.in_features, dtype=torch.float64, device=self.model.device)
                for t in self.layers]
@@ -192,7 +192,7 @@ class GradientScorer(Scorer):
     # -------------------------------------------------------------- score
     @torch.no_grad()
     def score(self, texts: Sequence[str]) -> np.ndarray:
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         self._require_ready()
         texts = _check_texts(texts)
@@ -234,7 +234,7 @@ class GradientScorer(Scorer):
     def _save_state(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        from quadsel.pipeline.atomic import atomic_path
+        from quadsel.core.atomic import atomic_path
 
         self.curvature.save(directory)
         if not self.has_reference:

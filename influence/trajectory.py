@@ -155,7 +155,7 @@ class TrajectoryScorer(Scorer):
 
     def _checkpoint_loop(self, ids: list[list[int]], per_batch) -> None:
         """For each checkpoint k (one on the device at a time), ``per_batch(k, model, batch)``."""
-        from quadsel.pipeline.progress import Progress
+        from quadsel.core.progress import Progress
 
         dev = self.model.device
         K = len(self.checkpoint_paths)

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from quadsel import __version__
-from quadsel.pipeline.progress import configure_logging
+from quadsel.core.progress import configure_logging
 
 logger = logging.getLogger(__name__)
 

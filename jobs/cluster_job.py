@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_write_json
+from quadsel.core.atomic import atomic_write_json
+from quadsel.core.progress import run_log
 from quadsel.pipeline.lock import RunLock
-from quadsel.pipeline.progress import run_log
 
 from .config import JobConfig
 from .stages import (

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from quadsel.pipeline.atomic import atomic_write_text
+from quadsel.core.atomic import atomic_write_text
 from quadsel.pipeline.demo import build_demo_corpus
 
 from .config import load_config

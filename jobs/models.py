@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from quadsel.pipeline import faults
-from quadsel.pipeline.atomic import stable_hash
+from quadsel.core import faults
+from quadsel.core.atomic import stable_hash
+from quadsel.core.progress import Progress
 from quadsel.pipeline.embed import sample_rows
-from quadsel.pipeline.progress import Progress
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_write_text
-from quadsel.pipeline.progress import Progress
+from quadsel.core.atomic import atomic_write_text
+from quadsel.core.progress import Progress
 
 from . import report_plots as plots
 from .report_data import InspectError, RunData, load_run, top_terms

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from quadsel.pipeline.atomic import atomic_write_json, read_json, sha256_file, stable_hash
-from quadsel.pipeline.progress import Progress
+from quadsel.core.atomic import atomic_write_json, read_json, sha256_file, stable_hash
+from quadsel.core.progress import Progress
 from quadsel.pipeline.store import PoolStore
 from quadsel.selection import members_by_cluster
 

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quadsel.pipeline import faults
-from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
+from quadsel.core import faults
+from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, stable_hash
+from quadsel.core.progress import Progress, run_log
 from quadsel.pipeline.lock import RunLock
-from quadsel.pipeline.progress import Progress, run_log
 from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify, write_order
 from quadsel.pipeline.store import PoolStore, expand_meta
 

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quadsel.pipeline import faults
-from quadsel.pipeline.atomic import atomic_path, atomic_write_text, stable_hash
+from quadsel.core import faults
+from quadsel.core.atomic import atomic_path, atomic_write_text, stable_hash
 from quadsel.pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
 from quadsel.pipeline.embed import EmbeddingStore
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
@@ -147,7 +147,7 @@ def state_checksum(state: Any) -> str:
     short or bit-flipped no longer matches it."""
     import hashlib
 
-    from quadsel.pipeline.atomic import canonical_json
+    from quadsel.core.atomic import canonical_json
 
     return hashlib.sha256(canonical_json(state).encode("utf-8")).hexdigest()
 

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .atomic import atomic_path, atomic_write_json, read_json
+from quadsel.core.atomic import atomic_path, atomic_write_json, read_json
 
 INDEX = "index.json"
 

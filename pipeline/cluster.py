@@ -32,9 +32,10 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .atomic import atomic_path, atomic_write_json, read_json
+from quadsel.core.atomic import atomic_path, atomic_write_json, read_json
+from quadsel.core.progress import Progress
+
 from .embed import EmbeddingStore, l2_normalize
-from .progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
+from quadsel.core.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

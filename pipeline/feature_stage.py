@@ -38,13 +38,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from . import faults
+from quadsel.core import faults
+from quadsel.core.atomic import atomic_write_json, read_json, remove_stale_temps, sha256_file
+from quadsel.core.progress import Progress
+
 from .arrow_store import INDEX, shard_entry
-from .atomic import atomic_write_json, read_json, remove_stale_temps, sha256_file
 from .embed import EmbedConfig, EmbeddingStore, load_embedder, make_embedder, sample_rows
 from .embed.base import META, MODEL_KINDS
 from .embed.store import write_index, write_vector_shard
-from .progress import Progress
 from .sources import Example
 from .stage import read_marker, write_marker
 from .store import PoolStore

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, atomic_write_json, sha256_file
+from quadsel.core.atomic import atomic_path, atomic_write_json, sha256_file
+
 from .shards import data_files, read_manifest, verify
 
 PACK_FORMAT = "quadsel-packed"

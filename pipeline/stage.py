@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import faults
-from .atomic import atomic_write_json, fsync_dir, read_json, sha256_file
+from quadsel.core import faults
+from quadsel.core.atomic import atomic_write_json, fsync_dir, read_json, sha256_file
 
 DONE = "_DONE.json"
 logger = logging.getLogger(__name__)

@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from . import faults
+from quadsel.core import faults
+from quadsel.core.atomic import atomic_path, fsync_dir, remove_stale_temps
+from quadsel.core.progress import Progress
+
 from .arrow_store import INDEX, ShardedStore, StoreError, shard_entry
-from .atomic import atomic_path, fsync_dir, remove_stale_temps
-from .progress import Progress
 from .sources import Example
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, remove_stale_temps
+from quadsel.core.progress import Progress
+
 from .arrow_store import INDEX, shard_entry
-from .atomic import atomic_path, atomic_write_json, read_json, remove_stale_temps
 from .embed import EmbeddingStore, WhitenConfig, l2_normalize
 from .embed.store import write_index, write_vector_shard
-from .progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def _restore_quadsel_logging():
     so later tests' caplog sees quadsel's records whatever the test order."""
     import logging
 
-    from quadsel.pipeline import progress
+    from quadsel.core import progress
 
     yield
     log = logging.getLogger("quadsel")

@@ -1,7 +1,7 @@
 """kill -9 of a real ``quadsel run`` at seeded points in every stage, then resume.
 
 The driver is a subprocess (``python -m jobs.cli run job.yaml``) killed by the fault hook
-(``QUADSEL_FAULT=point:n``, ``pipeline.faults``): SIGKILL at the n-th time it reaches a named
+(``QUADSEL_FAULT=point:n``, ``quadsel.core.faults``): SIGKILL at the n-th time it reaches a named
 point, so no ``finally`` or atexit runs, exactly as with ``kill -9``. Points cover sources
 (mid-read), embed (mid-stage), cluster, proxy training, scorer fit, every part of a
 bandit round (mid-scoring, before / after the state is saved), shard writing (between shards,

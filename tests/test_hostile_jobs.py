@@ -91,7 +91,7 @@ def test_rerun_with_a_changed_dtype_recomputes_and_the_run_dir_says_what_it_hold
     assert s16["run_key"] != s32["run_key"]
     assert yaml.safe_load((run / "config.resolved.yaml").read_text())["model"]["dtype"] == "bfloat16"
     manifest = json.loads((run / "manifest.json").read_text())
-    from quadsel.pipeline.atomic import stable_hash
+    from quadsel.core.atomic import stable_hash
     from quadsel.jobs.config import load_config
 
     now = load_config(run / "config.resolved.yaml")

@@ -95,3 +95,47 @@ def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
     (eps,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(eps).decode()
     assert "[quadsel.embedders]" in text and "hidden = quadsel.influence.embedders:HiddenStateEmbedder" in text
+
+
+# which packages each package may import (function-level imports included): a DAG, core at the bottom
+LAYERS = {
+    "core": set(),
+    "selection": {"core"},
+    "pipeline": {"core"},
+    "influence": {"core", "pipeline"},
+    "jobs": {"core", "pipeline", "influence", "selection"},
+}
+
+
+def _imported_packages(path: Path, package: str) -> set[str]:
+    """The quadsel sub-packages a module imports (``quadsel`` itself, for ``__version__``, is not one)."""
+    rel = path.relative_to(REPO / ("quadsel/core" if package == "core" else package))
+    here = ["quadsel", package, *rel.parts[:-1]]  # the module's package, for relative imports
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "quadsel" and len(parts) > 1 and parts[1] in LAYERS:
+                out.add(parts[1])
+    return out - {package}
+
+
+def test_packages_are_layered_without_cycles():
+    bad = []
+    for package, allowed in LAYERS.items():
+        root = REPO / ("quadsel/core" if package == "core" else package)
+        for path in sorted(root.rglob("*.py")):
+            extra = _imported_packages(path, package) - allowed
+            if extra:
+                bad.append(f"{path.relative_to(REPO)} imports quadsel.{', quadsel.'.join(sorted(extra))}")
+    assert not bad, "\n".join(bad)

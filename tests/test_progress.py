@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from quadsel.pipeline import progress as progress_mod
-from quadsel.pipeline.progress import Progress
+from quadsel.core import progress as progress_mod
+from quadsel.core.progress import Progress
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
+from quadsel.core.atomic import sha256_file
 from quadsel.pipeline import shards
-from quadsel.pipeline.atomic import sha256_file
 from quadsel.pipeline.shards import (
     ManifestError,
     SchemaMismatchError,

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from quadsel.pipeline.progress import configure_logging
+    from quadsel.core.progress import configure_logging
 
     configure_logging("INFO", progress="log" if args.quiet_progress else "auto")
     from . import markdown

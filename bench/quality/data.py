@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_write_bytes, stable_hash
+from quadsel.core.atomic import atomic_write_bytes, stable_hash
 from quadsel.pipeline.cluster import ClusterResult
 from quadsel.pipeline.embed import sample_rows
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_path, atomic_write_bytes, atomic_write_json, read_json, stable_hash
+from quadsel.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json, read_json, stable_hash
 
 from .config import QualityConfig, base_target
 from .data import PoolData

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from quadsel.pipeline.atomic import atomic_write_text
+from quadsel.core.atomic import atomic_write_text
 
 from .config import QualityConfig
 from .report import GOAL_LABEL, agreement, target_section

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_write_json, read_json, stable_hash
+from quadsel.core.atomic import atomic_write_json, read_json, stable_hash
 
 from .config import METHODS, QualityConfig, base_target, excluded_domain
 from .data import PoolData, SeedModel, encode, load_tokenizer, prepare_pool, prepare_seed_model, read_reference

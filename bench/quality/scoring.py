@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from quadsel.pipeline.atomic import atomic_path, atomic_write_json, read_json, stable_hash
+from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from quadsel.pipeline.embed import sample_rows
 
 from .config import QualityConfig

@@ -1,11 +1,13 @@
 """Embedding the pool: one L2-normalised float32 vector per example, stored as Arrow shards.
 
 - :mod:`.base`   ``EmbedConfig`` (+ ``WhitenConfig``), the ``Embedder`` interface, the kind
-                 registry (``embedder_kinds``: entry points ``quadsel.embedders``), ``make_embedder`` / ``load_embedder``
+                 registry (``embedder_kinds``: entry points ``quadsel.embedders``),
+                 ``make_embedder`` / ``load_embedder``
 - :mod:`.tfidf`  hashed word+symbol n-grams -> tf-idf -> truncated SVD (default, no model)
 - :mod:`.hf`     any Hugging Face encoder, mean-pooled over non-padding tokens
 - ``hidden`` / ``gradient`` (a causal LM's mean-pooled hidden state / projected per-example
-  gradients) live in :mod:`influence.embedders` and are imported by kind on first use
+  gradients) live in :mod:`quadsel.influence.embedders`, registered by that package and imported
+  by kind on first use
 - :mod:`.store`  ``EmbeddingStore`` (memory-mapped reads); vectors are written by
                  :mod:`quadsel.pipeline.feature_stage`, the one embed path
 """

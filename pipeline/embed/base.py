@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..atomic import read_json
+from quadsel.core.atomic import read_json
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write_json
+from quadsel.core.atomic import atomic_write_json
+
 from .base import META, EmbedConfig, Embedder, l2_normalize
 
 logger = logging.getLogger(__name__)

@@ -28,8 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ..atomic import atomic_path, atomic_write_json
-from ..progress import Progress
+from quadsel.core.atomic import atomic_path, atomic_write_json
+from quadsel.core.progress import Progress
+
 from .base import META, EmbedConfig, Embedder, l2_normalize, sample_rows
 
 logger = logging.getLogger(__name__)

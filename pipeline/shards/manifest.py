@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from ..atomic import (
+from quadsel.core.atomic import (
     atomic_write_text,
     sha256_file,
 )
+
 from .schema import _EXT, CARD_NAME, ManifestError
 
 logger = logging.getLogger(__name__)

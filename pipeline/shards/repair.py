@@ -7,12 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-from ..atomic import (
+from quadsel.core.atomic import (
     TMP_PREFIX,
     atomic_write_bytes,
     fsync_dir,
     remove_stale_temps,
 )
+
 from ..lock import FileLock
 from .manifest import _check, _load, _ok, _write_card
 from .schema import CARD_NAME, ManifestError

@@ -16,14 +16,14 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from quadsel import __version__
-
-from .. import faults
-from ..atomic import (
+from quadsel.core import faults
+from quadsel.core.atomic import (
     atomic_path,
     atomic_write_json,
     canonical_json,
     fsync_dir,
 )
+
 from .manifest import _write_card
 from .repair import _lock, _recover_locked
 from .schema import _BATCH_BYTES, _EXT, MANIFEST_VERSION, ShardConfig, conform

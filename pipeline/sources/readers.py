@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from .. import faults
+from quadsel.core import faults
+
 from .config import Example, SourceConfig, SourceError
 from .paths import _plan
 from .rejects import RejectLog
