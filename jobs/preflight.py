@@ -294,13 +294,18 @@ def pool_problems(cfg: JobConfig, n_rows: int, command: str = "run") -> list[str
     return out
 
 
-def count_valid_rows(cfg: JobConfig, name: str) -> tuple[int, dict[str, Any]]:
-    """Valid rows of the pool (or reference) and the reject summary, reading without writing."""
+def count_valid_rows(cfg: JobConfig, name: str, features=None) -> tuple[int, dict[str, Any]]:
+    """Valid rows of the pool (or reference) and the reject summary, reading without writing;
+    ``features`` (a tf-idf ``FeatureCounter``), when given, sees every valid text."""
     from quadsel.pipeline.sources import RejectLog, iter_examples
 
     src = cfg.pool if name == "pool" else cfg.reference
     rejects = RejectLog(None)
-    n = sum(1 for _ in iter_examples(src, rejects, exclude=[cfg.run_dir]))
+    n = 0
+    for ex in iter_examples(src, rejects, exclude=[cfg.run_dir]):
+        n += 1
+        if features is not None:
+            features.add(ex.text)
     return n, rejects.summary()
 
 
@@ -316,8 +321,13 @@ def check_job(cfg: JobConfig, command: str = "run") -> dict[str, Any]:
             if name == "reference" and (cfg.reference is None or any(p.startswith("reference.path")
                                                                      for p in problems)):
                 continue
+            features = None
+            if name == "pool" and cfg.embed.kind == "tfidf":  # what the embed fit will find
+                from quadsel.pipeline.embed.tfidf import FeatureCounter
+
+                features = FeatureCounter(cfg.embed)
             try:
-                n, rej = count_valid_rows(cfg, name)
+                n, rej = count_valid_rows(cfg, name, features)
             except SourceError as e:
                 problems.append(f"{name}: {e}")
                 continue
@@ -325,6 +335,9 @@ def check_job(cfg: JobConfig, command: str = "run") -> dict[str, Any]:
                            "files": len(rej["files"])}
             if name == "pool":
                 problems += pool_problems(cfg, n, command)
+                why = features.problem() if features is not None else None
+                if why:
+                    problems.append(why)
             elif n == 0:
                 problems.append(f"reference: no valid rows in {cfg.reference.path!r} ({rej['counts']})")
     raise_if(problems)

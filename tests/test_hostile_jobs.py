@@ -195,9 +195,11 @@ def test_a_pool_with_too_few_tfidf_features_is_one_line_exit_2(tmp_path, capsys,
     cfg = {"run_dir": str(tmp_path / "run"), "pool": {"path": str(pool)}, "embed": {"dim": 8},
            "cluster": {"k": 3}, "selection": {"method": "random", "budget": {"amount": 10}},
            "ray": {"enabled": False}}
-    for cmd in ("run", "cluster"):
+    job = str(_write(tmp_path / "job.yaml", cfg))
+    for args in (["config", "--check", job], ["run", job], ["cluster", job]):  # --check finds it too
+        cmd = args[0]
         capsys.readouterr()
-        rc = main([cmd, str(_write(tmp_path / "job.yaml", cfg)), *Q])
+        rc = main([*args, *Q])
         err = capsys.readouterr().err
         assert rc == 2, err
         assert "Traceback" not in err and err.count("\n") == 1, err

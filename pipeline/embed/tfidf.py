@@ -46,6 +46,52 @@ class TfidfFitError(ValueError):
     """The texts cannot give a tf-idf embedding (too few texts, or too few distinct features)."""
 
 
+def too_few_features(cfg: EmbedConfig, kept: int, seen: int, n_texts: int, sampled: bool = False) -> str | None:
+    """Why ``kept`` features (of ``seen``, over ``n_texts`` texts) give no usable embedding, or None.
+    The SVD needs more features than components, and one component alone gives every text the
+    same (normalised) vector, so clusters of it are arbitrary: at least 2 dimensions (or the one
+    ``embed.dim`` asks for) are needed."""
+    if kept - 1 >= min(2, cfg.dim):
+        return None
+    return (f"embed: the texts give only {kept} distinct tf-idf feature(s) (words, symbols or word pairs "
+            f"found in {MIN_DF}+ of the {n_texts} texts; {seen} in all), too few to embed them in 2 or more "
+            "dimensions: every text is (nearly) the same word or symbol repeated; give the pool more varied text"
+            + (f" or a larger embed.fit_sample (now {cfg.fit_sample})" if sampled else ""))
+
+
+class FeatureCounter:
+    """The document frequency of the hashed features over texts given one by one (what the fit
+    counts), without keeping the texts: ``problem()`` is :func:`too_few_features` for them all."""
+
+    BATCH = 2048
+
+    def __init__(self, cfg: EmbedConfig) -> None:
+        self.cfg = cfg
+        self._embedder = TfidfEmbedder(cfg)
+        self.df = np.zeros(cfg.n_features, dtype=np.int64)
+        self.n = 0
+        self._buf: list[str] = []
+
+    def add(self, text: str) -> None:
+        self._buf.append(text)
+        if len(self._buf) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            x = self._embedder._counts(self._buf)
+            self.df += np.bincount(x.indices, minlength=self.cfg.n_features)
+            self.n += len(self._buf)
+            self._buf = []
+
+    def problem(self) -> str | None:
+        self._flush()
+        if self.n < 2:
+            return None  # the pool's own row check says so
+        kept = min(self.cfg.max_features, int(np.count_nonzero(self.df >= MIN_DF)))
+        return too_few_features(self.cfg, kept, int(np.count_nonzero(self.df)), self.n)
+
+
 class TfidfEmbedder(Embedder):
     kind = "tfidf"
 
@@ -121,15 +167,9 @@ class TfidfEmbedder(Embedder):
         df = np.bincount(x.indices, minlength=self.cfg.n_features)
         order = np.argsort(-df, kind="stable")[: self.cfg.max_features]
         columns = np.sort(order[df[order] >= MIN_DF])
-        # the SVD needs more features than components, and one component alone gives every text
-        # the same (normalised) vector: clusters of that are arbitrary. Say so before any work.
-        if len(columns) - 1 < min(2, self.cfg.dim):
-            raise TfidfFitError(
-                f"embed: the texts give only {len(columns)} distinct tf-idf feature(s) (words, symbols or "
-                f"word pairs found in {MIN_DF}+ of the {len(texts)} fit texts; {int(np.count_nonzero(df))} "
-                f"in all), too few to embed them in 2 or more dimensions: every text is (nearly) the same "
-                f"word or symbol repeated; give the pool more varied text"
-                + (f" or a larger embed.fit_sample (now {self.cfg.fit_sample})" if n_in > len(texts) else ""))
+        why = too_few_features(self.cfg, len(columns), int(np.count_nonzero(df)), len(texts), n_in > len(texts))
+        if why:
+            raise TfidfFitError(why)
         dim = min(self.cfg.dim, len(texts) - 1, len(columns) - 1)
         if dim < self.cfg.dim:
             logger.warning("tfidf: embed.dim=%d reduced to %d (fit sample: %d texts, %d features)",
