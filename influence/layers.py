@@ -37,6 +37,8 @@ from typing import Literal, Sequence, Union
 
 from torch import nn
 
+from quadsel.core.errors import UntrackableLayersError
+
 Group = Literal["attention", "mlp", "all"]
 LayerSpec = Union[Group, Sequence[str]]
 
@@ -93,10 +95,6 @@ def _group_of(name: str) -> Literal["attention", "mlp", "other"]:
     if last in _MLP_NAMES or any(tok in last for tok in _MLP_BLOCK_TOKENS):
         return "mlp"
     return "other"
-
-
-class UntrackableLayersError(ValueError):
-    """The requested layer group holds weights the gradient hooks cannot track (not Linear/Conv1D)."""
 
 
 def untrackable_weights(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:

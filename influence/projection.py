@@ -27,13 +27,11 @@ from typing import Sequence
 
 import torch
 
+from quadsel.core.errors import LayoutMismatchError
+
 from .layers import TrackedLayer
 
 LAYOUT_VERSION = 1
-
-
-class LayoutMismatchError(ValueError):
-    """Two feature sets / a reference and a candidate side were built with different layouts."""
 
 
 @dataclass(frozen=True)

@@ -119,18 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # OSError: disk full, unreadable files, lost mounts: say so plainly, no traceback
-    from quadsel.pipeline.embed.tfidf import TfidfFitError
-    from quadsel.pipeline.lock import RunLockedError
-    from quadsel.pipeline.pack import PackError
-    from quadsel.pipeline.ray_runtime import WorkerPoolError
-    from quadsel.pipeline.shards import ManifestError
-    from quadsel.pipeline.sources import SourceError
-    from quadsel.pipeline.store import StoreError
-
-    from .config import ConfigError
-    from .inspect import InspectError
-    from .stages import JobError
+    """What the CLI answers with one line and exit 2: every QuadselError (quadsel.core.errors),
+    OSError (disk full, unreadable files, lost mounts) and a truncated weights file."""
+    from quadsel.core.errors import QuadselError
 
     extra: tuple[type[BaseException], ...] = ()
     try:  # a truncated weights file (model folder or saved scorer): not an OSError
@@ -139,8 +130,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         extra = (SafetensorError,)
     except ImportError:  # pragma: no cover
         pass
-    return (ConfigError, SourceError, JobError, InspectError, RunLockedError, WorkerPoolError, StoreError, PackError,
-            ManifestError, TfidfFitError, OSError, *extra)
+    return (QuadselError, OSError, *extra)
 
 
 def _load(args):

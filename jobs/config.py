@@ -15,14 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quadsel.core.errors import ConfigError
 from quadsel.pipeline.cluster import ClusterConfig
 from quadsel.pipeline.embed import EmbedConfig
 from quadsel.pipeline.shards import ShardConfig
 from quadsel.pipeline.sources import SourceConfig
-
-
-class ConfigError(ValueError):
-    """A problem in a job config file or override that the user can fix."""
 
 
 class _Strict(BaseModel):

@@ -17,17 +17,14 @@ from typing import Any, Callable
 import numpy as np
 
 from quadsel.core.atomic import atomic_write_text
+from quadsel.core.errors import ReportError
 from quadsel.core.progress import Progress
 
 from . import report_plots as plots
-from .report_data import InspectError, RunData, load_run, top_terms
+from .report_data import RunData, load_run, top_terms
 from .stages import snippet
 
 logger = logging.getLogger(__name__)
-
-
-class ReportError(InspectError):
-    """The report cannot be written (the message says why)."""
 
 
 STAGE_ORDER = ("sources", "reference", "embed", "cluster", "proxy", "tokens", "fit_scorer", "select", "total")

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from quadsel.core.atomic import atomic_write_json, read_json, sha256_file, stable_hash
+from quadsel.core.errors import InspectError
 from quadsel.core.progress import Progress
 from quadsel.pipeline.store import PoolStore
 from quadsel.selection import members_by_cluster
@@ -33,10 +34,6 @@ WORD_PATTERN = r"(?u)\b[^\W\d_][^\W_]*(?:_[^\W_]+)*\b"  # words and snake_case n
 TERM_SAMPLE = 48      # members sampled per cluster (fewer when there are many clusters)
 TERM_MAX_DOCS = 200_000  # at most this many sampled texts in all
 TERM_MAX_CHARS = 4000  # characters of each sampled text looked at
-
-
-class InspectError(ValueError):
-    """The directory is not a (finished enough) run, or an argument does not fit the run."""
 
 
 # -- top terms ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from quadsel.core import faults
 from quadsel.core.atomic import atomic_path, atomic_write_text, stable_hash
+from quadsel.core.errors import JobError
 from quadsel.pipeline.cluster import ClusterResult, cluster_store, neighbour_graph, representative_rows
 from quadsel.pipeline.embed import EmbeddingStore
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches, resolve_paths
@@ -31,10 +32,6 @@ from .config import JobConfig, dump_config
 logger = logging.getLogger(__name__)
 
 SNIPPET_CHARS = 160
-
-
-class JobError(RuntimeError):
-    """A run cannot go on; the message says why and what to do."""
 
 
 @dataclass

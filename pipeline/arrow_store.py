@@ -27,14 +27,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from quadsel.core.atomic import atomic_path, atomic_write_json, read_json
+from quadsel.core.errors import StoreError
 
 INDEX = "index.json"
 
 S = TypeVar("S", bound="ShardedStore")
-
-
-class StoreError(ValueError):
-    """A store folder that cannot be used (unfinished write, missing or changed shard)."""
 
 
 def write_ipc_file(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:

@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-
-class RunLockedError(RuntimeError):
-    pass
+from quadsel.core.errors import RunLockedError
 
 
 class FileLock:

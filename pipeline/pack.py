@@ -35,16 +35,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from quadsel.core.atomic import atomic_path, atomic_write_json, sha256_file
+from quadsel.core.errors import PackError
 
 from .shards import data_files, read_manifest, verify
 
 PACK_FORMAT = "quadsel-packed"
 PACK_VERSION = 1
 BIN_NAME, INDEX_NAME = "train.bin", "index.json"
-
-
-class PackError(ValueError):
-    """A selection cannot be packed with the given tokenizer / options."""
 
 
 def _load_tokenizer(tokenizer: Any) -> tuple[Any, str]:

@@ -49,19 +49,13 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from quadsel.core.errors import RayConnectError, WorkerPoolError
+
 logger = logging.getLogger(__name__)
 
 
 class ScoreFn(Protocol):
     def score(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class WorkerPoolError(RuntimeError):
-    pass
-
-
-class RayConnectError(WorkerPoolError):
-    """The Ray cluster an address names cannot be reached or refused the connection."""
 
 
 LOCAL = "local"

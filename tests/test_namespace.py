@@ -139,3 +139,28 @@ def test_packages_are_layered_without_cycles():
             if extra:
                 bad.append(f"{path.relative_to(REPO)} imports quadsel.{', quadsel.'.join(sorted(extra))}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_user_error_is_a_quadsel_error_defined_in_one_place():
+    """Exception types live in quadsel.core.errors (a module may refine one of them); the CLI
+    answers every QuadselError with one line and exit 2, so none can be forgotten there."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from quadsel.core.errors import QuadselError
+
+    found = {}
+    for pkg in ("core", "pipeline", "influence", "selection", "jobs"):
+        root = importlib.import_module(f"quadsel.{pkg}")
+        for info in pkgutil.walk_packages(root.__path__, f"quadsel.{pkg}."):
+            mod = importlib.import_module(info.name)
+            for name, obj in vars(mod).items():
+                # errors only: a signal's KeyboardInterrupt (cli.Stopped) is control flow
+                if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == mod.__name__:
+                    found[f"{mod.__name__}.{name}"] = obj
+    assert "quadsel.core.errors.SourceError" in found and len(found) > 15
+    outside = sorted(n for n, e in found.items() if not n.startswith("quadsel.core.errors.")
+                     and not n.endswith("._StopForTest"))
+    assert outside == ["quadsel.jobs.preflight.PreflightError"], outside  # a JobError listing all problems
+    assert all(issubclass(e, QuadselError) for e in found.values() if e.__name__ != "_StopForTest")

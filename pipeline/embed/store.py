@@ -17,17 +17,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..arrow_store import INDEX, ShardedStore, StoreError, shard_entry, write_ipc_file
+from quadsel.core.errors import EmbeddingStoreError
+
+from ..arrow_store import INDEX, ShardedStore, shard_entry, write_ipc_file
 from .base import sample_rows
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "quadsel-embeddings"
 VERSION = 1
-
-
-class EmbeddingStoreError(StoreError):
-    """An embeddings folder that cannot be used (unfinished write, missing or changed shard)."""
 
 
 def _schema(dim: int) -> pa.Schema:

@@ -62,13 +62,14 @@ next writer (or ``recover``) writes it.
 
 Readers (``read_manifest``, ``verify``, ``data_files``) never modify a run directory.
 """
+from quadsel.core.errors import ManifestError
+
 from .manifest import data_files, dataset_card, read_manifest, verify
 from .repair import recover
 from .schema import (
     CARD_NAME,
     MANIFEST_VERSION,
     QUADSEL_COLUMNS,
-    ManifestError,
     SchemaMismatchError,
     ShardConfig,
     conform,

@@ -14,8 +14,9 @@ from quadsel.core.atomic import (
     atomic_write_text,
     sha256_file,
 )
+from quadsel.core.errors import ManifestError
 
-from .schema import _EXT, CARD_NAME, ManifestError
+from .schema import _EXT, CARD_NAME
 
 logger = logging.getLogger(__name__)
 

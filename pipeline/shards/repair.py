@@ -13,10 +13,11 @@ from quadsel.core.atomic import (
     fsync_dir,
     remove_stale_temps,
 )
+from quadsel.core.errors import ManifestError
 
 from ..lock import FileLock
 from .manifest import _check, _load, _ok, _write_card
-from .schema import CARD_NAME, ManifestError
+from .schema import CARD_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from quadsel.core.errors import SchemaMismatchError
+
 MANIFEST_VERSION = 1
 QUADSEL_COLUMNS: tuple[pa.Field, ...] = (
     pa.field("quadsel_cluster", pa.int32(), nullable=False),
@@ -17,14 +19,6 @@ _BATCH_BYTES = 64 * 2**20  # a record batch / row group never buffers more than 
 _EXT = {"arrow": "arrow", "parquet": "parquet"}
 CARD_NAME = "README.md"
 _ORDER_SALT = 0x71756164_73687566  # "quadshuf": the write order's stream, apart from other seeds
-
-
-class ManifestError(RuntimeError):
-    """A manifest is missing, malformed, or does not match the shards on disk."""
-
-
-class SchemaMismatchError(ValueError):
-    """A batch given to ``ShardWriter.write`` does not match the writer's schema."""
 
 
 class ShardConfig(BaseModel):

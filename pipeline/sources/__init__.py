@@ -16,6 +16,8 @@ kept, counted apart (``RejectLog.truncated``) and logged there with reason ``"tr
 A problem with a whole file (missing, unreadable, corrupt, no text column) raises
 :class:`SourceError` naming the file.
 """
+from quadsel.core.errors import SourceError
+
 from .config import (
     ARROW_EXTS,
     JSONL_EXTS,
@@ -24,7 +26,6 @@ from .config import (
     RESERVED_PREFIX,
     Example,
     SourceConfig,
-    SourceError,
     content_id,
 )
 from .paths import resolve_paths

@@ -17,10 +17,6 @@ REJECT_REASONS = (
 RESERVED_PREFIX = "quadsel_"  # columns quadsel adds to a selection; an input's own are renamed
 
 
-class SourceError(ValueError):
-    """A problem with an input file the user can fix; the message names the file."""
-
-
 class SourceConfig(BaseModel):
     """Where a pool comes from and how its rows are validated."""
 

@@ -9,7 +9,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .config import ARROW_EXTS, JSONL_EXTS, PARQUET_EXTS, SourceConfig, SourceError
+from quadsel.core.errors import SourceError
+
+from .config import ARROW_EXTS, JSONL_EXTS, PARQUET_EXTS, SourceConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from quadsel.core import faults
+from quadsel.core.errors import SourceError
 
-from .config import Example, SourceConfig, SourceError
+from .config import Example, SourceConfig
 from .paths import _plan
 from .rejects import RejectLog
 from .values import _MISSING, _Validator, _values
