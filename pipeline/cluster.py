@@ -33,9 +33,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from quadsel.core.atomic import atomic_path, atomic_write_json, read_json
+from quadsel.core.errors import StoreError
 from quadsel.core.progress import Progress
+from quadsel.selection.types import members_by_cluster
 
 from .embed import EmbeddingStore, l2_normalize
+from .store import PoolStore
 
 logger = logging.getLogger(__name__)
 
@@ -316,3 +319,80 @@ def representatives(result: ClusterResult, ids: Sequence[str], n: int = 5) -> li
     if len(ids) != len(result.assignments):
         raise ValueError(f"representatives: {len(ids)} ids for {len(result.assignments)} assigned rows")
     return [[ids[int(r)] for r in rows] for rows in representative_rows(result, n)]
+
+
+WORD_PATTERN = r"(?u)\b[^\W\d_][^\W_]*(?:_[^\W_]+)*\b"  # words and snake_case names, no numbers
+TERM_SAMPLE = 48      # members sampled per cluster (fewer when there are many clusters)
+TERM_MAX_DOCS = 200_000  # at most this many sampled texts in all
+TERM_MAX_CHARS = 4000  # characters of each sampled text looked at
+
+
+# -- top terms ----------------------------------------------------------------------------------
+# The pool's embedder hashes its features, so they have no names. Instead each cluster's terms
+# are ranked TF-IDF style on word tokens of a seeded sample of its members: the share of sampled
+# members containing a term, times the log inverse of the term's document frequency in the whole
+# pool (estimated from the same samples, each cluster weighted by its size). Cheap (one pass over
+# ``clusters x sample`` texts) and deterministic given the seed.
+def _sample_members(assignments: np.ndarray, k: int, sample: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([seed, 0x7E4D])
+    out = []
+    for members in members_by_cluster(assignments, k):
+        if len(members) > sample:
+            members = np.sort(rng.choice(members, size=sample, replace=False))
+        out.append(members.astype(np.int64))
+    return out
+
+
+def cluster_top_terms(pool_store: PoolStore, assignments: np.ndarray, k: int, n_terms: int = 8,
+                      seed: int = 0, *, sample: int = TERM_SAMPLE) -> list[list[str]]:
+    """The ``n_terms`` most characteristic words of each of the ``k`` clusters.
+
+    ``assignments[row]`` is the cluster of pool row ``row``. A term needs to occur in at least
+    two sampled members of a cluster (one for a cluster of one) to be listed.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    assignments = np.asarray(assignments, dtype=np.int64)
+    sample = min(sample, max(4, TERM_MAX_DOCS // max(k, 1)))
+    if len(assignments) != len(pool_store):
+        raise StoreError(f"cluster assignments cover {len(assignments)} rows but the pool store has "
+                           f"{len(pool_store)}: the run's stages are out of step; rerun the job")
+    picks = _sample_members(assignments, k, sample, seed)
+    rows = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(k), [len(p) for p in picks])
+    texts: list[str] = []
+    with Progress("top terms: read", total=len(rows), unit="docs") as prog:
+        for a in range(0, len(rows), 4096):
+            part = pool_store.texts(rows[a:a + 4096])
+            texts.extend(t[:TERM_MAX_CHARS] for t in part)
+            prog.advance(len(part))
+    out: list[list[str]] = [[] for _ in range(k)]
+    if not texts:
+        return out
+    vec = CountVectorizer(token_pattern=WORD_PATTERN, lowercase=True, stop_words="english",
+                          binary=True, dtype=np.float64)
+    try:
+        x = vec.fit_transform(texts).tocsr()
+    except ValueError:  # no word at all (e.g. a pool of numbers)
+        return out
+    import scipy.sparse as sp
+
+    n_sampled = np.bincount(owner, minlength=k).astype(np.float64)
+    sizes = np.bincount(assignments, minlength=k).astype(np.float64)
+    onehot = sp.csr_matrix((np.ones(len(owner)), (owner, np.arange(len(owner)))), shape=(k, len(owner)))
+    df = (onehot @ x).tocsr()  # sampled members of each cluster containing each term
+    weight = np.divide(sizes, n_sampled, out=np.zeros(k), where=n_sampled > 0)
+    pool_df = np.asarray(df.T @ weight).ravel()  # estimated pool document frequency
+    idf = np.log((1.0 + sizes.sum()) / (1.0 + pool_df))
+    vocab = vec.get_feature_names_out()
+    with Progress("top terms", total=k, unit="clusters") as prog:
+        for c in range(k):
+            lo, hi = df.indptr[c], df.indptr[c + 1]
+            cols, counts = df.indices[lo:hi], df.data[lo:hi]
+            keep = counts >= min(2.0, n_sampled[c])
+            cols, counts = cols[keep], counts[keep]
+            score = counts / max(n_sampled[c], 1.0) * idf[cols]
+            best = np.lexsort((cols, -np.round(score, 9)))[:n_terms]  # ties: alphabetical
+            out[c] = [str(vocab[j]) for j in cols[best]]
+            prog.advance(1)
+    return out

@@ -13,7 +13,8 @@ from rich.console import Console
 from quadsel.jobs.cli import main
 from quadsel.jobs.config import JobConfig
 from quadsel.jobs.inspect import InspectError, cluster_members, inspect_cluster, inspect_clusters
-from quadsel.jobs.report_data import TOP_TERMS_FILE, cluster_top_terms, top_terms
+from quadsel.jobs.report_data import TOP_TERMS_FILE, top_terms
+from quadsel.pipeline.cluster import cluster_top_terms
 from quadsel.pipeline.sources import Example
 from quadsel.pipeline.store import PoolStore
 

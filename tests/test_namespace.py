@@ -97,11 +97,12 @@ def test_wheel_installs_only_the_quadsel_namespace(tmp_path):
     assert "[quadsel.embedders]" in text and "hidden = quadsel.influence.embedders:HiddenStateEmbedder" in text
 
 
-# which packages each package may import (function-level imports included): a DAG, core at the bottom
+# which packages each package may import (function-level imports included): a DAG, core at the bottom,
+# then the pure selection package
 LAYERS = {
     "core": set(),
     "selection": {"core"},
-    "pipeline": {"core"},
+    "pipeline": {"core", "selection"},  # selection.types: how rows group into clusters
     "influence": {"core", "pipeline"},
     "jobs": {"core", "pipeline", "influence", "selection"},
 }
