@@ -181,3 +181,60 @@ def test_a_signal_stops_the_run_and_every_process_of_its_ray(tmp_path, sig):
         assert again.returncode == 0, again.stderr[-3000:]
         verify(run_dir)
         assert json.loads((run_dir / "summary.json").read_text())["selected"] == 60
+
+
+
+STOP_SCRIPT = """
+import json
+import psutil
+from quadsel.pipeline import ray_runtime as rr
+
+rr.connect(None, init_kwargs={"num_cpus": 1})
+procs = rr._Started.live()
+stopped = rr.shutdown()
+alive = []
+for p in procs:
+    try:
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+            alive.append(" ".join(p.cmdline())[:100])
+    except psutil.NoSuchProcess:
+        pass
+print(json.dumps({"procs": len(procs), "stopped": stopped, "alive": alive}))
+"""
+
+
+def test_shutdown_leaves_no_process_of_the_local_ray_it_started():
+    """ray_runtime.shutdown: every process of the local instance that connect started (noted by
+    pid and start time, with their descendants: agents, workers) is gone afterwards."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("psutil")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", STOP_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["procs"] >= 3, got  # gcs_server, raylet, agents...
+    assert got["alive"] == [], got
+
+
+def test_a_process_that_outlives_ray_shutdown_is_stopped_by_pid():
+    """What ray_runtime.shutdown does with a process of its instance still there after
+    ray.shutdown: SIGTERM, then SIGKILL for one that ignores it; its pid is reported."""
+    import subprocess
+    import sys
+
+    psutil = pytest.importorskip("psutil")
+    from quadsel.pipeline.ray_runtime import _stop
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('up', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"up"
+        assert _stop([psutil.Process(child.pid)], grace=0.5) == [child.pid]
+        assert not psutil.pid_exists(child.pid)  # killed and reaped (by psutil's wait)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
