@@ -306,9 +306,10 @@ class Stopped(KeyboardInterrupt):
 
 
 class _StopOnSignal:
-    """Within: SIGTERM and SIGINT raise :class:`Stopped` in the main thread, once; a signal
-    that comes while the command is already stopping is noted and ignored, so the cleanup
-    (shutting Ray down, releasing the run lock) finishes. The previous handlers come back after."""
+    """Within: SIGTERM and SIGINT raise :class:`Stopped` in the main thread, once; the next
+    signal while the command is stopping is noted and ignored, so the cleanup (shutting Ray
+    down, releasing the run lock) finishes; one more after that ends the process at once (the
+    default action: for a cleanup that hangs). The previous handlers come back after."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -322,7 +323,10 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.stopping:
-            logger.warning("%s: already stopping (shutting down cleanly)", signal.Signals(signum).name)
+            logger.warning("%s: already stopping (shutting down cleanly); send it once more to end at once",
+                           signal.Signals(signum).name)
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
             return
         self.stopping = True
         raise Stopped(signum)
