@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from quadsel.core.atomic import atomic_path, atomic_write_json
+from quadsel.core.errors import TfidfFitError
 from quadsel.core.progress import Progress
 
 from .base import META, EmbedConfig, Embedder, l2_normalize, sample_rows
@@ -40,10 +41,6 @@ TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"
 NGRAM_RANGE = (1, 2)
 MIN_DF = 2
 SVD_N_ITER = 5
-
-
-class TfidfFitError(ValueError):
-    """The texts cannot give a tf-idf embedding (too few texts, or too few distinct features)."""
 
 
 def too_few_features(cfg: EmbedConfig, kept: int, seen: int, n_texts: int, sampled: bool = False) -> str | None:
