@@ -79,7 +79,7 @@ def _run_cluster(cfg: JobConfig) -> dict[str, Any]:
         "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
         "timings_s": ctx.timings,
     }
-    atomic_write_json(ctx.run_dir / "clusters" / "cluster_job.json", summary)
+    atomic_write_json(ctx.layout.cluster_job, summary)
     logger.info("clustered %d rows into %d clusters with %s in %.1fs", len(pool),
                 len(result.centroids), result.backend, ctx.timings["total"])
     return summary

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from quadsel.pipeline.store import PoolStore
 
+from .layout import RunLayout
 from .report_data import InspectError, summary_rows, top_terms
 from .stages import snippet
 
@@ -138,17 +139,17 @@ def cluster_members(run_dir: str | Path, cluster: int, *,
     rows = rows if rows is not None else summary_rows(run_dir)
     if not 0 <= cluster < len(rows):
         raise InspectError(f"--cluster {cluster} is out of range: this run has clusters 0..{len(rows) - 1}")
-    assign = pq.read_table(run_dir / "clusters" / "assignments.parquet",
+    assign = pq.read_table(RunLayout(run_dir).assignments,
                            filters=[("cluster", "==", cluster)]).to_pydict()
     scores: dict[int, float] = {}
     status: dict[int, str] = {}
-    probes = run_dir / "bandit" / "probes.parquet"
+    probes = RunLayout(run_dir).probes
     if probes.is_file():
         for r in pq.read_table(probes, filters=[("cluster", "==", cluster)]).to_pylist():
             if _num(r["score"]) is not None:
                 scores[r["row"]] = r["score"]
             status[r["row"]] = "probed"
-    sel_rows = run_dir / "bandit" / "selected.parquet"
+    sel_rows = RunLayout(run_dir).selected
     if sel_rows.is_file():
         for r in pq.read_table(sel_rows, filters=[("cluster", "==", cluster)]).to_pylist():
             status[r["row"]] = "selected (fill)" if r.get("fill") else "selected"
@@ -172,7 +173,7 @@ def inspect_cluster(run_dir: str | Path, cluster: int, *, top: int = 20,
     info = rows[cluster]
     console = console or _console()
     shown = members[:top]
-    store_dir = run_dir / "stages" / "sources" / "store"
+    store_dir = RunLayout(run_dir).pool_store
     if store_dir.is_dir():
         with PoolStore.open(store_dir) as store:
             texts = store.texts([m["row"] for m in shown])
@@ -209,8 +210,8 @@ def selection_tables_problem(run_dir: str | Path) -> str | None:
     from quadsel.pipeline.shards import data_files, read_manifest
 
     run_dir = Path(run_dir)
-    path = run_dir / "clusters" / "summary.parquet"
-    if not (run_dir / "manifest.json").is_file() or not path.is_file():
+    path = RunLayout(run_dir).cluster_summary
+    if not RunLayout(run_dir).manifest.is_file() or not path.is_file():
         return None
     table = pq.read_table(path)
     fix = "rerun `quadsel run` with the selection's config to write the selection's tables again"

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import JobConfig
+from .layout import RunLayout
 from .stages import MODEL_EMBEDDERS, JobError
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,8 @@ def selection_clash(cfg: JobConfig) -> str | None:
     from .config import ConfigError, load_config
 
     run_dir = Path(cfg.run_dir)
-    made_path = run_dir / "config.resolved.yaml"
-    if not (run_dir / "manifest.json").is_file() or not made_path.is_file():
+    made_path = RunLayout(run_dir).config_resolved
+    if not RunLayout(run_dir).manifest.is_file() or not made_path.is_file():
         return None
     try:
         made = load_config(made_path)

@@ -21,6 +21,7 @@ from quadsel.core.errors import ReportError
 from quadsel.core.progress import Progress
 
 from . import report_plots as plots
+from .layout import RunLayout
 from .report_data import RunData, load_run, top_terms
 from .stages import snippet
 
@@ -319,7 +320,7 @@ def build_report(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report (default ``RUN_DIR/report.html``) atomically; return its path."""
     run_dir = Path(run_dir)
-    target = Path(out) if out is not None else run_dir / "report.html"
+    target = Path(out) if out is not None else RunLayout(run_dir).report
     if target.is_dir():
         target = target / "report.html"
     text = build_report(run_dir)

@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 from quadsel.core.atomic import atomic_write_json, read_json, sha256_file, stable_hash
 from quadsel.core.errors import InspectError
 from quadsel.pipeline.cluster import TERM_MAX_CHARS, TERM_MAX_DOCS, TERM_SAMPLE, cluster_top_terms
+from quadsel.pipeline.stage import DONE
 from quadsel.pipeline.store import PoolStore
+
+from .layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
-TOP_TERMS_FILE = "top_terms.json"
 
 
 def top_terms(run_dir: str | Path, k: int, *, n_terms: int = 8, seed: int = 0) -> list[list[str]] | None:
@@ -32,9 +34,10 @@ def top_terms(run_dir: str | Path, k: int, *, n_terms: int = 8, seed: int = 0) -
     None when the run no longer has its pool store (``stages/sources/store``).
     """
     run_dir = Path(run_dir)
-    assign_path = run_dir / "clusters" / "assignments.parquet"
-    store_dir = run_dir / "stages" / "sources" / "store"
-    cache = run_dir / "clusters" / TOP_TERMS_FILE
+    layout = RunLayout(run_dir)
+    assign_path = layout.assignments
+    store_dir = layout.pool_store
+    cache = layout.top_terms
     if not assign_path.is_file():
         return None
     key = stable_hash({"v": 1, "assignments": sha256_file(assign_path), "k": k, "n_terms": n_terms,
@@ -98,7 +101,7 @@ def summary_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InspectError(f"{run_dir}: no such directory")
-    path = run_dir / "clusters" / "summary.parquet"
+    path = RunLayout(run_dir).cluster_summary
     if not path.is_file():
         raise InspectError(f"{run_dir} has no clusters/summary.parquet: is it a quadsel run directory "
                            f"whose cluster stage finished? (run `quadsel cluster` or `quadsel run` first)")
@@ -154,26 +157,27 @@ def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     rows = summary_rows(run_dir)
     data = RunData(run_dir=run_dir, clusters=rows)
-    data.summary = _json_or_none(run_dir / "summary.json")
-    data.cluster_job = _json_or_none(run_dir / "clusters" / "cluster_job.json")
-    timings = _json_or_none(run_dir / "timings.json")
+    layout = RunLayout(run_dir)
+    data.summary = _json_or_none(layout.summary)
+    data.cluster_job = _json_or_none(layout.cluster_job)
+    timings = _json_or_none(layout.timings)
     if timings is None:
         timings = (data.summary or data.cluster_job or {}).get("timings_s")
     data.timings = dict(timings or {})
-    cfg = run_dir / "config.resolved.yaml"
+    cfg = layout.config_resolved
     data.config_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else None
-    hist = _json_or_none(run_dir / "bandit" / "history.json")
+    hist = _json_or_none(layout.bandit_history)
     if hist is None:  # a run still selecting (or killed): its last checkpoint
-        state = _json_or_none(run_dir / "bandit" / "state.json")
+        state = _json_or_none(layout.bandit_state)
         hist = ((state or {}).get("selector") or {}).get("history")
     data.history = hist
-    data.probes = _parquet_or_none(run_dir / "bandit" / "probes.parquet")
-    data.selected = _parquet_or_none(run_dir / "bandit" / "selected.parquet")
-    data.rejects = read_rejects(run_dir / "rejects.jsonl")
-    stages = run_dir / "stages"
+    data.probes = _parquet_or_none(layout.probes)
+    data.selected = _parquet_or_none(layout.selected)
+    data.rejects = read_rejects(layout.rejects)
+    stages = layout.stages
     if stages.is_dir():
-        for d in sorted(p for p in stages.iterdir() if (p / "_DONE.json").is_file()):
-            data.stages[d.name] = (_json_or_none(d / "_DONE.json") or {}).get("info", {})
+        for d in sorted(p for p in stages.iterdir() if (p / DONE).is_file()):
+            data.stages[d.name] = (_json_or_none(d / DONE) or {}).get("info", {})
     cent = stages / "cluster" / "result" / "centroids.npy"
     if cent.is_file():
         data.centroids = np.load(cent, allow_pickle=False)

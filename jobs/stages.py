@@ -28,6 +28,7 @@ from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
 
 from .config import JobConfig, dump_config
+from .layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -61,31 +62,39 @@ class RunContext:
         if preflight:  # False: the caller ran them already
             raise_if(config_problems(cfg, command))
         run_dir = Path(cfg.run_dir)
-        for sub in ("stages", "logs", "clusters"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        ctx = cls(cfg=cfg, run_dir=run_dir, pending=keep_committed and (run_dir / "manifest.json").is_file(),
-                  command=command)
-        atomic_write_text(ctx.run_file("config.resolved.yaml"), dump_config(cfg))
+        layout = RunLayout(run_dir)
+        for sub in (layout.stages, layout.logs, layout.clusters):
+            sub.mkdir(parents=True, exist_ok=True)
+        ctx = cls(cfg=cfg, run_dir=run_dir, pending=keep_committed and layout.manifest.is_file(), command=command)
+        atomic_write_text(ctx.run_file(layout.config_resolved), dump_config(cfg))
         return ctx
 
-    def run_file(self, name: str) -> Path:
-        """Where a run-level file is written now (``name.pending`` while a selection is kept)."""
-        return self.run_dir / (f"{name}.pending" if self.pending else name)
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    def _described(self) -> tuple[Path, ...]:
+        """The run-level files that describe the selection on disk (kept while a rerun works)."""
+        return (self.layout.config_resolved, self.layout.rejects)
+
+    def run_file(self, path: Path) -> Path:
+        """Where a run-level file is written now (``<name>.pending`` while a selection is kept)."""
+        return path.with_name(f"{path.name}.pending") if self.pending else path
 
     def discard_pending(self) -> None:
         """Nothing new was committed: the run-level files keep describing the selection on disk."""
         if self.pending:
-            for name in ("config.resolved.yaml", "rejects.jsonl"):
-                (self.run_dir / f"{name}.pending").unlink(missing_ok=True)
+            for path in self._described():
+                self.run_file(path).unlink(missing_ok=True)
             self.pending = False
 
     def promote(self) -> None:
         """The new selection is committed: its config and rejects replace the previous ones."""
         if self.pending:
-            for name in ("config.resolved.yaml", "rejects.jsonl"):
-                src = self.run_dir / f"{name}.pending"
+            for path in self._described():
+                src = self.run_file(path)
                 if src.is_file():
-                    os.replace(src, self.run_dir / name)
+                    os.replace(src, path)
             self.pending = False
 
     def timed(self, name: str, t0: float) -> None:
@@ -176,9 +185,9 @@ def read_selector_state(path: Path, key: str) -> dict[str, Any] | None:
 
 def _merge_rejects(ctx: RunContext, names: list[str]) -> None:
     """The run's ``rejects.jsonl``: the rejects of every source stage, in stage order."""
-    with atomic_path(ctx.run_file("rejects.jsonl")) as tmp, open(tmp, "wb") as out:
+    with atomic_path(ctx.run_file(ctx.layout.rejects)) as tmp, open(tmp, "wb") as out:
         for name in names:
-            part = ctx.run_dir / "stages" / name / "rejects.jsonl"
+            part = ctx.layout.stage_rejects(name)
             if part.is_file():
                 with open(part, "rb") as fh:
                     shutil.copyfileobj(fh, out)
@@ -222,7 +231,7 @@ def embed_pool(ctx: RunContext, store: PoolStore, model_dir: str | None = None) 
     if stage.is_done():
         logger.info("embed: reusing cached embeddings")
     else:
-        work = ctx.run_dir / "stages" / f"embed.work-{stage.key}"
+        work = ctx.layout.stage(f"embed.work-{stage.key}")
         r = ctx.cfg.ray
         emb = run_feature_stage(store, cfg, work, model_path=model_dir, num_actors=r.num_actors,
                                 num_cpus_per_actor=r.num_cpus_per_actor, address=r.address)
@@ -265,7 +274,7 @@ def snippet(text: str, n: int = SNIPPET_CHARS) -> str:
 
 
 def write_assignments(ctx: RunContext, store: PoolStore, result: ClusterResult) -> Path:
-    path = ctx.run_dir / "clusters" / "assignments.parquet"
+    path = ctx.layout.assignments
     table = pa.table({
         "row": pa.array(np.arange(len(store), dtype=np.int64)),
         "id": store.id_array(),  # zero-copy from the memory-mapped store (no Python list)
@@ -307,7 +316,7 @@ def cluster_summary_matches(ctx: RunContext, result: ClusterResult, *, warn: boo
     """Whether ``clusters/summary.parquet`` describes ``result`` (one row per cluster, its sizes).
     ``quadsel cluster`` with other settings may have rewritten it under a finished selection; the
     selection's rerun then writes its own tables again instead of answering "already complete"."""
-    path = ctx.run_dir / "clusters" / "summary.parquet"
+    path = ctx.layout.cluster_summary
     try:
         sizes = pq.read_table(path, columns=["size"]).column("size").to_numpy()
     except (OSError, pa.ArrowException, KeyError):
@@ -321,7 +330,7 @@ def cluster_summary_matches(ctx: RunContext, result: ClusterResult, *, warn: boo
 
 
 def write_cluster_summary(ctx: RunContext, table: pa.Table) -> Path:
-    path = ctx.run_dir / "clusters" / "summary.parquet"
+    path = ctx.layout.cluster_summary
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path

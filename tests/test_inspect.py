@@ -13,7 +13,8 @@ from rich.console import Console
 from quadsel.jobs.cli import main
 from quadsel.jobs.config import JobConfig
 from quadsel.jobs.inspect import InspectError, cluster_members, inspect_cluster, inspect_clusters
-from quadsel.jobs.report_data import TOP_TERMS_FILE, top_terms
+from quadsel.jobs.layout import RunLayout
+from quadsel.jobs.report_data import top_terms
 from quadsel.pipeline.cluster import cluster_top_terms
 from quadsel.pipeline.sources import Example
 from quadsel.pipeline.store import PoolStore
@@ -76,7 +77,7 @@ def test_cluster_table_columns_and_values(runs):
     assert head[-2:] == ["top terms", "nearest the centroid"]
     summary = pq.read_table(run / "clusters" / "summary.parquet").to_pylist()
     terms = top_terms(run, len(summary))
-    assert (run / "clusters" / TOP_TERMS_FILE).is_file()
+    assert RunLayout(run).top_terms.is_file()
     rows = _first_lines(text)
     assert set(rows) == {r["cluster"] for r in summary}  # every cluster shown (top=100 > k)
     for r in summary:
