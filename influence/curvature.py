@@ -84,7 +84,13 @@ class Curvature(ABC):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        state, ptrs = {}, set()
+        for k, v in self.state_dict().items():
+            v = v.contiguous().cpu()
+            if v.data_ptr() in ptrs:  # layers sharing an input share their A factors in memory
+                v = v.clone()
+            ptrs.add(v.data_ptr())
+            state[k] = v
         with atomic_path(d / "curvature.safetensors") as tmp:
             save_file(state, str(tmp))
         atomic_write_text(d / "curvature.json", canonical_json(
@@ -135,25 +141,43 @@ class KFAC(Curvature):
         cov_s = [torch.zeros(t.out_features, t.out_features, dtype=torch.float64, device=im.device) for t in layers]
         count = {"tok": 0.0}
 
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this batch: input tensor -> x xᵀ
+
         def consumer(i, x, d):
-            xa = x.reshape(-1, x.shape[-1])
+            # layers fed by the same input (q/k/v, gate/up) get the very same x: one product
+            hit = seen.get(id(x))
+            if hit is None or hit[0] is not x:
+                xa = x.reshape(-1, x.shape[-1])
+                hit = seen[id(x)] = (x, (xa.T @ xa).double())
+            cov_a[i] += hit[1]
             da = d.reshape(-1, d.shape[-1])
-            cov_a[i] += (xa.T @ xa).double()
             cov_s[i] += (da.T @ da).double()
 
         gen = torch.Generator(device="cpu").manual_seed(self.args.seed)
         with GradientPass(im, layers, [(None, None)] * len(layers), consumer) as gp, \
                 Progress(f"{self.name} covariances", total=len(texts), unit="docs") as prog:
             for b in im.batches(texts, batch_size):
+                seen.clear()
                 gp.run(b, fisher=self.args.fisher, generator=gen)
+                seen.clear()
                 count["tok"] += float(b.attention_mask.sum())
                 prog.advance(b.size)
         n_tok = max(count["tok"], 1.0)
+        done: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+        def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # layers sharing an input have bit-identical A: decompose it once, share the tensors
+            for prev, res in done:
+                if prev.shape == m.shape and torch.equal(prev, m):
+                    return res
+            e, q = torch.linalg.eigh((m / n_tok).cpu())
+            res = (e.clamp_min(0), q)
+            done.append((m, res))
+            return res
+
         for t, a, s in zip(layers, cov_a, cov_s):
-            ea, qa = torch.linalg.eigh((a / n_tok).cpu())
-            es, qs = torch.linalg.eigh((s / n_tok).cpu())
-            self.q_a[t.name], self.eig_a[t.name] = qa, ea.clamp_min(0)
-            self.q_s[t.name], self.eig_s[t.name] = qs, es.clamp_min(0)
+            self.eig_a[t.name], self.q_a[t.name] = eigh(a)
+            self.eig_s[t.name], self.q_s[t.name] = eigh(s)
             self.lam[t.name] = torch.outer(self.eig_s[t.name], self.eig_a[t.name])
         self.layers = [t.describe() for t in layers]
         self.fitted = True
@@ -206,13 +230,39 @@ class EKFAC(KFAC):
         super().fit(im, layers, texts, batch_size)  # covariances + eigenbases
         layers = list(layers)
         texts = list(texts)
-        maps = [(self.q_a[t.name].T.float(), self.q_s[t.name].T.float()) for t in layers]
+        conv: dict[int, torch.Tensor] = {}
+
+        def as_map(q: torch.Tensor) -> torch.Tensor:  # one map per distinct (shared) eigenbasis
+            if id(q) not in conv:
+                conv[id(q)] = q.T.to(im.device, torch.float32)
+            return conv[id(q)]
+
+        # Q_Sᵀ G_b Q_A: each side is rotated either per token in the hooks (T n² per example) or
+        # once per example after the per-example product (n² n_other), whichever is cheaper at
+        # the longest batch (kronfluence always rotates per example)
+        T = im.max_length
+        sides = []
+        for t in layers:
+            i_, o_ = t.in_features, t.out_features
+            cost = {(True, True): T * (i_ * i_ + o_ * o_), (True, False): T * i_ * i_ + o_ * o_ * i_,
+                    (False, True): T * o_ * o_ + o_ * i_ * i_, (False, False): o_ * o_ * i_ + o_ * i_ * i_}
+            sides.append(min(cost, key=lambda k: (cost[k], not k[0], not k[1])))
+        maps = [(as_map(self.q_a[t.name]) if tok_in else None, as_map(self.q_s[t.name]) if tok_out else None)
+                for t, (tok_in, tok_out) in zip(layers, sides)]
+        q_a = [None if tok_in else self.q_a[t.name].to(im.device, torch.float32)
+               for t, (tok_in, _) in zip(layers, sides)]
+        q_st = [None if tok_out else m for m, (_, tok_out) in
+                zip([self.q_s[t.name].T.to(im.device, torch.float32) for t in layers], sides)]
         acc = [torch.zeros(t.out_features, t.in_features, dtype=torch.float64, device=im.device) for t in layers]
 
         def consumer(i, x, d):
-            # x = Q_Aᵀ x_t, d = Q_Sᵀ δ_t  ->  Q_Sᵀ G_b Q_A = Σ_t d_t x_tᵀ per example
+            # x = Q_Aᵀ x_t, d = Q_Sᵀ δ_t (or unrotated)  ->  Q_Sᵀ G_b Q_A = Σ_t d_t x_tᵀ per example
             g = torch.bmm(d.transpose(1, 2), x)
-            acc[i] += g.square().sum(0).double()
+            if q_st[i] is not None:
+                g = torch.matmul(q_st[i], g)
+            if q_a[i] is not None:
+                g = torch.matmul(g, q_a[i])
+            acc[i] += g.square_().sum(0).double()
 
         n = 0
         gen = torch.Generator(device="cpu").manual_seed(self.args.seed + 1)

@@ -19,6 +19,7 @@ own (mapped) gradient.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -52,8 +53,16 @@ class GradientPass:
             raise ValueError("one (M_in, M_out) pair per tracked layer is required")
         self.im = im
         self.layers = list(layers)
-        self.maps = [(None if a is None else a.to(im.device, torch.float32),
-                      None if b is None else b.to(im.device, torch.float32)) for a, b in maps]
+        conv: dict[int, torch.Tensor] = {}
+
+        def to_dev(m):  # one converted copy per distinct map (layers may share an eigenbasis)
+            if m is None:
+                return None
+            if id(m) not in conv:
+                conv[id(m)] = m.to(im.device, torch.float32)
+            return conv[id(m)]
+
+        self.maps = [(to_dev(a), to_dev(b)) for a, b in maps]
         self.consumer = consumer
         self._handles: list = []
         self._stack = contextlib.ExitStack()
@@ -61,6 +70,9 @@ class GradientPass:
         self._mask: torch.Tensor | None = None
         self._leaf: list[torch.Tensor] = []
         self._done: set[int] = set()
+        self._full = False  # the batch has no padding: nothing to mask
+        self._last: tuple | None = None  # (input tensor, M_in, bias, mapped input) of the last forward hook
+        self._views: dict[int, tuple[torch.Tensor, int]] = {}  # uncopied inputs and their versions
 
     # ---------------------------------------------------------------- hook plumbing
     def __enter__(self) -> "GradientPass":
@@ -87,40 +99,76 @@ class GradientPass:
 
     def _make_forward_hook(self, i: int):
         layer = self.layers[i]
+        label = f"quadsel.forward_hook[{_kind(layer.name)}]"
 
         def hook(module, inputs, output):
             if i in self._x or i in self._done:
                 raise RuntimeError(f"layer {layer.name} ran twice in one forward pass; shared/reused "
                                    "modules are not supported as tracked layers")
-            mask = self._mask
-            x = inputs[0]
-            B, T = mask.shape[:2]
-            # [B, T, in], or flattened [B*T, in] in (example, token) order (OPT's fc1/fc2)
-            if x.numel() // x.shape[-1] != B * T or not (x.shape[0] == B or (x.ndim == 2 and x.shape[0] == B * T)):
-                raise RuntimeError(f"layer {layer.name}: input shape {tuple(x.shape)} is neither [B, T, in] nor "
-                                   f"[B*T, in] for a batch of {B}x{T}")
-            xf = x.detach().reshape(B, T, x.shape[-1]).float()
-            if layer.bias:
-                xf = torch.cat([xf, torch.ones_like(mask)], dim=-1)
-            m_in = self.maps[i][0]
-            # masking rows commutes with the map: mask the smaller tensor
-            self._x[i] = (xf @ m_in.T) * mask if m_in is not None else xf * mask
+            with _label(label):
+                x = inputs[0]
+                m_in = self.maps[i][0]
+                last = self._last
+                if last is not None and last[0] is x and last[1] is m_in and last[2] == layer.bias:
+                    # a layer fed by the very same tensor as the previous one (q/k/v, gate/up): its
+                    # mapped input is the same tensor (consumers never modify x in place)
+                    self._x[i] = last[3]
+                else:
+                    self._x[i] = self._map_input(layer, x, m_in)
+                    self._last = (x, m_in, layer.bias, self._x[i])
             if output.requires_grad:
                 output.register_hook(self._make_backward_hook(i))
             return None
 
         return hook
 
+    def _map_input(self, layer: TrackedLayer, x: torch.Tensor, m_in: torch.Tensor | None) -> torch.Tensor:
+        mask = self._mask
+        B, T = mask.shape[:2]
+        # [B, T, in], or flattened [B*T, in] in (example, token) order (OPT's fc1/fc2)
+        if x.numel() // x.shape[-1] != B * T or not (x.shape[0] == B or (x.ndim == 2 and x.shape[0] == B * T)):
+            raise RuntimeError(f"layer {layer.name}: input shape {tuple(x.shape)} is neither [B, T, in] nor "
+                               f"[B*T, in] for a batch of {B}x{T}")
+        xf = x.detach().reshape(B, T, x.shape[-1]).float()
+        if layer.bias:
+            xf = torch.cat([xf, torch.ones_like(mask)], dim=-1)
+        if m_in is not None:
+            xf = xf @ m_in.T  # a new tensor: masked in place below
+        elif xf.data_ptr() == x.data_ptr():  # a view of the layer's own input
+            if not self._full:
+                return xf * mask
+            # no padding: nothing to mask, no copy; checked unchanged when consumed
+            self._views[id(xf)] = (xf, xf._version)
+            return xf
+        # masking rows commutes with the map: mask the smaller tensor; a batch without padding
+        # (length-sorted batches of full rows) is not touched at all
+        return xf if self._full else xf.mul_(mask)
+
+    def _check_view(self, i: int, x: torch.Tensor) -> None:
+        v = self._views.get(id(x))
+        if v is not None and v[0] is x and x._version != v[1]:
+            raise RuntimeError(f"layer {self.layers[i].name}: its input was modified in place after the "
+                               "layer ran; such models are not supported")
+
     def _make_backward_hook(self, i: int):
+        label = f"quadsel.backward_hook[{_kind(self.layers[i].name)}]"
+
         def hook(grad):
-            mask = self._mask
-            B, T = mask.shape[:2]
-            d = grad.detach().reshape(B, T, grad.shape[-1]).float()
-            m_out = self.maps[i][1]
-            d = (d @ m_out.T) * mask if m_out is not None else d * mask
-            x = self._x.pop(i)
-            self._done.add(i)
-            self.consumer(i, x, d)
+            with _label(label):
+                mask = self._mask
+                B, T = mask.shape[:2]
+                d = grad.detach().reshape(B, T, grad.shape[-1]).float()
+                m_out = self.maps[i][1]
+                if m_out is not None:
+                    d = d @ m_out.T
+                    if not self._full:
+                        d.mul_(mask)
+                elif not self._full:
+                    d = d * mask
+                x = self._x.pop(i)
+                self._check_view(i, x)
+                self._done.add(i)
+                self.consumer(i, x, d)
             return None
 
         return hook
@@ -134,6 +182,9 @@ class GradientPass:
         self._done.clear()
         self._leaf.clear()
         self._mask = batch.attention_mask.to(torch.float32).unsqueeze(-1)
+        self._full = bool(batch.attention_mask.all())
+        self._last = None
+        self._views.clear()
         try:
             with torch.enable_grad():
                 logits = self.im.logits(batch)
@@ -151,6 +202,7 @@ class GradientPass:
             # layers that got no gradient (not on the loss path): their gradient is zero
             for i in list(self._x):
                 x = self._x.pop(i)
+                self._check_view(i, x)
                 m_out = self.maps[i][1]
                 k_out = m_out.shape[0] if m_out is not None else self.layers[i].out_features
                 self.consumer(i, x, x.new_zeros(x.shape[0], x.shape[1], k_out))
@@ -158,7 +210,24 @@ class GradientPass:
             self._x.clear()
             self._leaf.clear()
             self._mask = None
+            self._last = None
+            self._views.clear()
         return loss.detach()
+
+
+_DIGITS = re.compile(r"\.\d+\.")
+
+
+def _kind(name: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj`` (profiler labels per layer kind)."""
+    return _DIGITS.sub(".*.", name)
+
+
+def _label(name: str):
+    """A profiler range, only while a profiler is recording (no cost otherwise)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -156,14 +156,16 @@ class InfluenceModel:
         ids = self.tokenize(texts)
         yield from self.batches_from_ids(ids, batch_size)
 
-    def batches_from_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> Iterator[Batch]:
+    def batches_from_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None, *,
+                         max_padding: float | None = None) -> Iterator[Batch]:
+        """Right-padded batches in order of decreasing length. ``max_padding`` (a fraction, e.g.
+        0.1): also close a batch early rather than let padding exceed that share of its tokens
+        (see :func:`length_buckets`); scores do not depend on batch composition either way."""
         bs = int(batch_size or self.batch_size)
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        order = np.argsort(-lengths, kind="stable")
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
+        for idx in length_buckets(lengths, bs, max_padding=max_padding):
             T = int(lengths[idx].max())
             inp = torch.full((len(idx), T), self._fill_id, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
@@ -203,6 +205,36 @@ class InfluenceModel:
         for b in self.batches(texts, batch_size):
             out[b.index] = self.summed_loss(self.logits(b), b.input_ids, b.attention_mask).double().cpu().numpy()
         return out
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, *, max_padding: float | None = None) -> list[np.ndarray]:
+    """Row indices grouped into batches: decreasing length (stable), at most ``batch_size`` rows, and
+    with ``max_padding`` (a fraction in [0, 1)) a batch is closed before a row that would make its
+    padding exceed that share of the batch's ``rows x longest`` tokens. Padding is computed
+    through the forward and backward but never scored, so a job that scores texts of very
+    different lengths (bandit probes of several clusters) wastes less by grouping them with this
+    first and calling ``score`` per group. ``max_padding=None``: fixed-size chunks of the sorted
+    order (what :meth:`InfluenceModel.batches` does)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_padding is not None and not 0.0 <= max_padding < 1.0:
+        raise ValueError(f"max_padding: expected a fraction in [0, 1), got {max_padding}")
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    order = np.argsort(-lengths, kind="stable")
+    if max_padding is None:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    out, start, real = [], 0, 0
+    for k, j in enumerate(order):
+        rows = k - start + 1
+        longest = int(lengths[order[start]])
+        pad = rows * longest - (real + int(lengths[j]))
+        if k > start and (rows > batch_size or pad > max_padding * rows * longest):
+            out.append(order[start:k])
+            start, real = k, 0
+        real += int(lengths[j])
+    if start < len(order):
+        out.append(order[start:])
+    return out
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
