@@ -18,6 +18,8 @@ Same model, same texts, one run:
 Plus (d) the Quad fast path: ``ekfac`` scorer scoring with a collapsed reference (exact, and
 rank 32), which needs no features at all.
 
+Then (issue 17) the "scoring at the floor" section(s), see ``FLOOR_DOC`` below.
+
 Tokens/s counts real (non-padding) tokens. (b), (c), (d) are timed in interleaved rounds; each
 timing is the best of ``--repeats`` rounds after a warm-up (wall and process CPU time). Results go to ``--out`` (default bench/results_influence.md).
 """
@@ -44,6 +46,9 @@ SIZES = {
     # ~4.2M tracked params: the dense matrix would need ~137 GB, so (a) is skipped
     "small": dict(arch="llama", hidden=256, layers=4, heads=4, inter=1024, vocab=8192, seq=256, batch=8),
     # GPT-2 small shape (~124M params, Conv1D layers), T=1024: for a GPU
+    # issue 17 ("scoring at the floor"): the widths where the hooks' own work used to show
+    "d256": dict(arch="llama", hidden=256, layers=4, heads=4, inter=1024, vocab=8192, seq=256, batch=4),
+    "d512": dict(arch="llama", hidden=512, layers=8, heads=8, inter=2048, vocab=8192, seq=512, batch=2),
     "125m": dict(arch="gpt2", hidden=768, layers=12, heads=12, inter=3072, vocab=50304, seq=1024, batch=8),
 }
 
@@ -121,9 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accuracy", action="store_true",
                     help="instead: accuracy of projected / low-rank scores vs exact on a trained proxy model")
     ap.add_argument("--proxy-dir", default=None, help="--accuracy: reuse (or write) the proxy model here")
+    ap.add_argument("--floor", nargs="*", default=["d256:256"], metavar="SIZE:T",
+                    help="issue 17 section(s), e.g. d256:256 d256:512 d512:512; none: skip it")
+    ap.add_argument("--only-floor", action="store_true", help="run only the --floor section(s)")
+    ap.add_argument("--floor-docs", type=int, default=8, help="--floor: candidate texts")
+    ap.add_argument("--floor-fit-docs", type=int, default=8, help="--floor: curvature fit texts")
+    ap.add_argument("--floor-ref-docs", type=int, default=4, help="--floor: reference texts")
+    ap.add_argument("--floor-repeats", type=int, default=3)
+    ap.add_argument("--skip-kronfluence", action="store_true", help="--floor: without the kronfluence comparison")
+    ap.add_argument("--skip-memory", action="store_true", help="--floor: without the peak-memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="--floor: print torch.profiler tables first")
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.accuracy:
         return accuracy(args)
+    if args.mem_child:
+        sys.path.insert(0, str(REPO))
+        return mem_child(args)
+    if args.only_floor:
+        for spec in args.floor:
+            floor_bench(args, spec)
+        return 0
 
     sys.path.insert(0, str(REPO))
     from quadsel.influence import FeatureExtractor, InfluenceModel, make_scorer
@@ -246,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args, cfg, results, dict(n_params=n_params, d_total=d_total, layers=len(fe.layers),
                                           feat_dim=fe.layout.dim, device=str(device), dtype=str(dtype),
                                           src=src, n_tok=n_tok))
+    if device.type == "cpu":
+        n_threads = torch.get_num_threads()
+        for spec in args.floor:
+            floor_bench(args, spec)
+        torch.set_num_threads(n_threads)
     return 0
 
 
@@ -407,6 +435,284 @@ def replace_section(existing: str, header: str, text: str) -> str:
         at = next((k for k, line in enumerate(out) if re.match(r"#{2,3} README section", line)), len(out))
         out.insert(at, ("\n" if at and out[at - 1].strip() else "") + text + "\n")
     return "".join(out)
+
+
+# ============================================================== issue 17: scoring at the floor
+FLOOR_DOC = """Scoring at the floor (``--floor SIZE:T ...``, default ``d256:256``; ``--only-floor`` skips the
+rest): one thread, one process, interleaved rounds, best of ``--floor-repeats`` (process CPU time
+and wall). Timed on the same model and texts:
+
+- floor: forward + activation-only backward, no hooks (``GradientPass`` with no layers);
+- fwd+bwd: a plain forward + ``loss.backward()`` with weight gradients;
+- score pass: ``ekfac`` ``score(candidates)`` with the reference already set (exact; and rank 32);
+- quadsel fit / kronfluence fit: the EK-FAC curvature on the fit texts (covariances, eigh, Λ);
+- quadsel scoring / kronfluence scoring: the reference (preconditioned, mean over the reference)
+  plus the candidates' scores: ``set_reference + score`` vs ``compute_pairwise_scores`` with
+  ``aggregate_query_gradients=True``; same modules, damping (0.1 × mean Λ), empirical Fisher, fp32.
+
+Peak memory: each method once more in its own subprocess (``--mem-child``): after the setup
+(model, texts, and the fit the method needs) the peak RSS is reset (``/proc/self/clear_refs``
+= 5) and the reported number is ``VmHWM`` after the method minus ``VmRSS`` before it.
+"""
+
+
+def floor_cfg(spec: str) -> dict:
+    size, _, t = spec.partition(":")
+    if size not in SIZES:
+        raise SystemExit(f"--floor {spec}: unknown size {size!r}; one of {sorted(SIZES)}")
+    cfg = dict(SIZES[size], name=size)
+    if t:
+        cfg["seq"] = int(t)
+    return cfg
+
+
+class _KronTask:
+    """kronfluence Task: the per-example summed token loss (the scorer's), empirical Fisher."""
+
+    def __new__(cls, modules):
+        from kronfluence.task import Task
+
+        from quadsel.influence.model import InfluenceModel
+
+        class LMTask(Task):
+            def _loss(self, batch, model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return InfluenceModel.summed_loss(logits, batch["input_ids"], batch["attention_mask"]).sum()
+
+            def compute_train_loss(self, batch, model, sample=False):
+                return self._loss(batch, model)
+
+            def compute_measurement(self, batch, model):
+                return self._loss(batch, model)
+
+            def get_influence_tracked_modules(self):
+                return modules
+
+            def get_attention_mask(self, batch):
+                return batch["attention_mask"]
+
+        return LMTask()
+
+
+def floor_setup(args, cfg: dict, methods) -> dict:
+    """Model, texts and the callables of every timed method (kronfluence only if asked for)."""
+    import copy
+    import logging
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    from quadsel.influence import InfluenceModel, make_scorer
+    from quadsel.influence.hooks import GradientPass
+    from quadsel.influence.proxy import train_tokenizer
+
+    T, B = cfg["seq"], cfg["batch"]
+    n_c, n_f, n_r = args.floor_docs, args.floor_fit_docs, args.floor_ref_docs
+    texts, src = load_texts(n_c + n_f + n_r, min_chars=8 * T, seed=args.seed)
+    cand, fit, ref = texts[:n_c], texts[n_c:n_c + n_f], texts[n_c + n_f:]
+    tok = train_tokenizer(texts[:400], min(cfg["vocab"], 4096), T)
+    model = build_model(cfg, torch.float32, args.seed)
+    im = InfluenceModel(model, tok, max_length=T, batch_size=B, device="cpu")
+    batches = list(im.batches(cand, B))
+    st: dict = dict(im=im, src=src, n_tok=int(sum(int(b.attention_mask.sum()) for b in batches)),
+                    n_params=sum(p.numel() for p in model.parameters()))
+    sc = make_scorer("ekfac", im, damping=0.1)
+    st["layers"] = len(sc.layers)
+    fns: dict = {}
+
+    def floor():
+        with GradientPass(im, [], [], lambda *a: None) as gp:
+            for b in batches:
+                gp.run(b)
+
+    def plain():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            im.summed_loss(im.logits(b), b.input_ids, b.attention_mask).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    fns["floor"], fns["fwd+bwd"] = floor, plain
+    fitter = make_scorer("ekfac", im, damping=0.1)  # its own scorer: fitting resets a reference
+    fns["quadsel fit"] = lambda: fitter.fit(fit)
+    needs_ref = {"score pass", "score pass rank 32", "quadsel scoring"} & set(methods)
+    if needs_ref:
+        sc.fit(fit).set_reference(ref)
+        low = make_scorer("ekfac", im, damping=0.1, rank=32)
+        low.curvature, low.is_fitted = sc.curvature, True
+        low.set_reference(ref)
+        fns["score pass"] = lambda: sc.score(cand)
+        fns["score pass rank 32"] = lambda: low.score(cand)
+        fns["quadsel scoring"] = lambda: sc.set_reference(ref).score(cand)
+    if {"kronfluence fit", "kronfluence scoring"} & set(methods):
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+
+        logging.getLogger("kronfluence").setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        task = _KronTask([t.name for t in sc.layers])
+        kmodel = prepare_model(copy.deepcopy(model), task)
+        tmp = tempfile.mkdtemp(prefix="kron_bench_")
+        an = Analyzer(analysis_name="bench", model=kmodel, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
+
+        def rows(ts):
+            out = []
+            for ids in im.tokenize(ts):
+                x = torch.full((T,), im._fill_id, dtype=torch.long)
+                m = torch.zeros(T, dtype=torch.long)
+                x[:len(ids)], m[:len(ids)] = torch.tensor(ids), 1
+                out.append({"input_ids": x, "attention_mask": m})
+            return out
+
+        f32 = torch.float32
+        fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True, amp_dtype=None,
+                                activation_covariance_dtype=f32, gradient_covariance_dtype=f32,
+                                per_sample_gradient_dtype=f32, lambda_dtype=f32)
+        sargs = ScoreArguments(damping_factor=None, amp_dtype=None, per_sample_gradient_dtype=f32,
+                               precondition_dtype=f32, score_dtype=f32, aggregate_query_gradients=True)
+        fit_rows, ref_rows, cand_rows = rows(fit), rows(ref), rows(cand)
+
+        def kfit():
+            an.fit_all_factors(factors_name="f", dataset=fit_rows, per_device_batch_size=B, factor_args=fargs,
+                               overwrite_output_dir=True)
+
+        def kscore():
+            an.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=ref_rows,
+                                       train_dataset=cand_rows, per_device_query_batch_size=B,
+                                       per_device_train_batch_size=B, score_args=sargs, overwrite_output_dir=True)
+
+        fns["kronfluence fit"], fns["kronfluence scoring"] = kfit, kscore
+        if "kronfluence scoring" in methods:
+            kfit()
+    st["fns"] = {k: fns[k] for k in methods}
+    return st
+
+
+FLOOR_METHODS = ["floor", "fwd+bwd", "score pass", "score pass rank 32", "quadsel fit", "kronfluence fit",
+                 "quadsel scoring", "kronfluence scoring"]
+
+
+def _vm() -> dict[str, int]:
+    import re
+
+    return {k: int(v) for k, v in re.findall(r"(Vm\w+):\s+(\d+)", Path("/proc/self/status").read_text())}
+
+
+def mem_child(args) -> int:
+    """One method once, after its setup: the peak RSS it adds (printed as JSON)."""
+    import gc
+
+    torch.set_num_threads(args.threads or 1)
+    cfg = floor_cfg(args.floor[0])
+    st = floor_setup(args, cfg, [args.mem_child])
+    fn = st["fns"][args.mem_child]
+    gc.collect()
+    rss0 = _vm()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    print("MEM " + json.dumps({"peak_mb": (_vm()["VmHWM"] - rss0) / 1024}), flush=True)
+    return 0
+
+
+def floor_bench(args, spec: str) -> dict:
+    import subprocess
+
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    cfg = floor_cfg(spec)
+    methods = [m for m in FLOOR_METHODS if not (args.skip_kronfluence and m.startswith("kronfluence"))]
+    st = floor_setup(args, cfg, methods)
+    fns = st["fns"]
+    print(f"floor {spec}: {st['n_params'] / 1e6:.2f}M params, {st['layers']} tracked layers, "
+          f"T={cfg['seq']}, batch {cfg['batch']}, {st['n_tok']} candidate tokens", flush=True)
+    if args.profile:
+        floor_profile(fns)
+    for fn in fns.values():  # warm-up
+        fn()
+    best = {k: [math.inf, math.inf] for k in fns}
+    for r in range(args.floor_repeats):
+        for k, fn in fns.items():
+            wall = best_of(fn, 1)
+            best[k] = [min(best[k][0], wall), min(best[k][1], best_of.last_cpu)]
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[1]:.2f}" for k, v in best.items()), flush=True)
+    mem = {}
+    if not args.skip_memory:
+        for k in fns:
+            cmd = [sys.executable, "-m", "bench.influence_bench", "--mem-child", k, "--floor", spec,
+                   "--threads", str(threads), "--seed", str(args.seed)]
+            for flag in ("floor_docs", "floor_fit_docs", "floor_ref_docs"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            out = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("MEM ")]
+            mem[k] = json.loads(line[-1][4:])["peak_mb"] if line else None
+            print(f"  peak memory {k}: {mem[k]} MB", flush=True)
+    res = dict(spec=spec, cfg=cfg, best=best, mem=mem, n_tok=st["n_tok"], n_params=st["n_params"],
+               layers=st["layers"], src=st["src"], threads=threads)
+    write_floor_report(args, res)
+    return res
+
+
+def floor_profile(fns) -> None:
+    """torch.profiler tables of the score pass and the fit: top ops, then time per hook and layer kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for k in ("score pass", "quadsel fit", "floor"):
+        if k not in fns:
+            continue
+        fns[k]()
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            fns[k]()
+        ka = p.key_averages()
+        print(f"===== profile: {k}")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=12))
+        hooks = sorted((e for e in ka if e.key.startswith("quadsel.")), key=lambda e: -e.cpu_time_total)
+        for e in hooks:
+            print(f"  {e.key:70s} {e.cpu_time_total / 1e3:9.1f} ms total  {e.count:4d} calls")
+
+
+def write_floor_report(args, res) -> None:
+    b, mem, cfg = res["best"], res["mem"], res["cfg"]
+    cpu = {k: v[1] for k, v in b.items()}
+    wall = {k: v[0] for k, v in b.items()}
+    header = f"### Scoring at the floor (`{res['spec']}`, issue 17)\n"
+    cmd = " ".join(["python -m bench.influence_bench"] + [a for a in sys.argv[1:] if not a.startswith("--out")])
+    lines = [header, f"Command: `{cmd}`  ",
+             f"Machine: {MACHINE}; torch {torch.__version__}, {res['threads']} thread(s).  ",
+             f"Model: llama-style from config (`{cfg['name']}`: hidden {cfg['hidden']}, {cfg['layers']} layers, "
+             f"intermediate {cfg['inter']}, vocab {cfg['vocab']}), {res['n_params'] / 1e6:.2f}M params, "
+             f"{res['layers']} tracked layers (attention + MLP); fp32, T = {cfg['seq']}, batch {cfg['batch']}. "
+             f"{args.floor_docs} candidates ({res['n_tok']:,} tokens), {args.floor_fit_docs} fit texts, "
+             f"{args.floor_ref_docs} reference texts; {res['src']}. Best of {args.floor_repeats} interleaved "
+             f"rounds after a warm-up.\n",
+             "| method | CPU (s) | wall (s) | peak memory (MB) |", "|---|---:|---:|---:|"]
+    for k in b:
+        m = mem.get(k)
+        lines.append(f"| {k} | {cpu[k]:.2f} | {wall[k]:.2f} | {'-' if m is None else f'{m:.0f}'} |")
+    lines.append("")
+
+    def ratio(a, c):
+        return f"{cpu[a] / cpu[c]:.2f}x CPU ({wall[a] / wall[c]:.2f}x wall)"
+
+    lines.append(f"- score pass / floor: {ratio('score pass', 'floor')} (goal <= 1.05x: "
+                 f"{'met' if cpu['score pass'] <= 1.05 * cpu['floor'] else 'NOT met'}); rank 32: "
+                 f"{ratio('score pass rank 32', 'floor')}.")
+    lines.append(f"- score pass / fwd+bwd: {ratio('score pass', 'fwd+bwd')} (goal <= 0.8x: "
+                 f"{'met' if cpu['score pass'] <= 0.8 * cpu['fwd+bwd'] else 'NOT met'}); floor / fwd+bwd: "
+                 f"{ratio('floor', 'fwd+bwd')}.")
+    for a, k in (("quadsel fit", "kronfluence fit"), ("quadsel scoring", "kronfluence scoring")):
+        if k in cpu:
+            sp = cpu[k] / cpu[a]
+            lines.append(f"- {a}: {sp:.2f}x faster than {k} by CPU ({wall[k] / wall[a]:.2f}x wall; goal >= 1.5x: "
+                         f"{'met' if sp >= 1.5 else 'NOT met'}); peak memory {mem.get(a)} vs {mem.get(k)} MB.")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, flush=True)
+    out = Path(args.out)
+    existing = out.read_text(encoding="utf-8") if out.is_file() else "## Influence\n\n"
+    from quadsel.core.atomic import atomic_write_text
+
+    atomic_write_text(out, replace_section(existing, header, text))
 
 
 if __name__ == "__main__":
