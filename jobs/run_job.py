@@ -7,10 +7,11 @@ byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +20,12 @@ import pyarrow.parquet as pq
 from quadsel.core import faults
 from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, stable_hash
 from quadsel.core.progress import Progress, run_log
+from quadsel.pipeline.cluster import ClusterResult
 from quadsel.pipeline.lock import RunLock
 from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify, write_order
 from quadsel.pipeline.store import PoolStore, expand_meta
 
-from .config import JobConfig
+from .config import BudgetConfig, JobConfig, SelectionConfig
 from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
 from .stages import (
     MODEL_EMBEDDERS,
@@ -46,11 +48,10 @@ logger = logging.getLogger(__name__)
 NOISE_DOMAINS = ("spam", "garbage", "duplicate")
 
 
-def _check_budget(cfg: JobConfig, n_rows: int, lengths: np.ndarray | None) -> None:
+def _check_budget(b: BudgetConfig, n_rows: int, lengths: np.ndarray | None) -> None:
     """A budget larger than the pool is an error (not "select everything"): it usually means the
     rejects ate most of the pool or the amount has a typo, and saying so costs nothing, while
     training a proxy and scoring to select the whole pool would waste the run."""
-    b = cfg.selection.budget
     if b.amount is None:  # a fraction is at most the pool
         return
     if b.unit == "examples":
@@ -69,13 +70,13 @@ def _check_budget(cfg: JobConfig, n_rows: int, lengths: np.ndarray | None) -> No
             f"{have:,} or use selection.budget.fraction")
 
 
-def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarray,
+def _selector_parts(selection: SelectionConfig, assignments: np.ndarray, centroids: np.ndarray,
                     lengths: np.ndarray | None, n_rows: int):
     """The selectors' view of the pool (members per cluster, neighbour graph), budget, constants."""
     from quadsel.pipeline.cluster import neighbour_graph
     from quadsel.selection import Budget, ClusterView, QuadConfig, members_by_cluster
 
-    b = cfg.selection.budget
+    b = selection.budget
     if b.amount is not None:
         amount = b.amount
     elif b.unit == "examples":
@@ -86,7 +87,7 @@ def _selector_parts(cfg: JobConfig, assignments: np.ndarray, centroids: np.ndarr
     mean_tokens = float(lengths.mean()) if lengths is not None and len(lengths) else None
     try:
         quad = QuadConfig.scaled(n_rows, len(centroids), budget, mean_tokens=mean_tokens,
-                                 **cfg.selection.quad)
+                                 **selection.quad)
     except (TypeError, ValueError) as e:
         from .config import ConfigError
 
@@ -188,6 +189,151 @@ def _domain_mix(pool: PoolStore, rows: np.ndarray | None) -> dict[str, int] | No
     return dict(sorted(counts.items()))
 
 
+class SelectionRun:
+    """One selection job as composable steps: :meth:`pool`, :meth:`model_dir`, :meth:`clusters`,
+    :meth:`token_lengths`, :meth:`selector_parts`, :meth:`scorer_dir` / :meth:`row_scorer`,
+    :meth:`selector` and :meth:`select`.
+
+    Each step runs (or reuses) its cached stage in ``cfg.run_dir`` once per run object and the
+    steps it needs before it, in the order ``quadsel run`` takes them (a later step calls the
+    earlier ones). :func:`run_selection` is these steps plus the resumable checkpoints and the
+    output; the quality benchmark drives the same steps and hands :meth:`select` its own score
+    function (a per-row score cache) and selection settings (method, budget, seed).
+    """
+
+    def __init__(self, cfg: JobConfig, *, preflight: bool = True) -> None:
+        if preflight:  # False: the caller ran the up-front checks already
+            from .preflight import config_problems, raise_if
+
+            raise_if(config_problems(cfg, "run"))
+        self.cfg = cfg
+        self.ctx = RunContext.create(cfg, keep_committed=True, command="run", preflight=False)
+        self.scoring = {"scored": 0, "seconds": 0.0}  # rows scored by row_scorer() and the time it took
+        self._done: dict[str, Any] = {}
+        self._parts: dict[str, Any] = {}
+        self.model_key: str | None = None  # the model's own key (before model_runtime_key)
+
+    def _step(self, name: str, build):
+        if name not in self._done:
+            self._done[name] = build()
+        return self._done[name]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ctx.run_dir
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Cache keys of the steps run so far (``sources``, ``model``, ``embed``, ``scorer`` …)."""
+        return self.ctx.keys
+
+    @property
+    def uses_model(self) -> bool:
+        cfg = self.cfg
+        return (cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens"
+                or (cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None))
+
+    def pool(self) -> PoolStore:
+        """The validated pool (the ``sources`` stage); the reference is read with it."""
+        return self._step("sources", lambda: read_sources(self.ctx))[0]
+
+    def reference(self) -> PoolStore | None:
+        self.pool()
+        return self._done["sources"][1]
+
+    def model_dir(self) -> str | None:
+        """``model.path``, or the proxy trained on a pool sample (None when nothing needs a model)."""
+        def build() -> str | None:
+            if not self.uses_model:
+                return None
+            model_dir = prepare_model(self.ctx, self.pool())
+            self.model_key = self.ctx.keys["model"]  # the model itself (e.g. the proxy's stage key)
+            # how the model runs is part of what it scores: every later key has it
+            self.ctx.keys["model"] = model_runtime_key(self.cfg, self.model_key)
+            return model_dir
+        return self._step("model", build)
+
+    def clusters(self) -> ClusterResult:
+        """Embed and cluster the pool (``clusters/assignments.parquet`` written)."""
+        def build() -> ClusterResult:
+            pool, model_dir = self.pool(), self.model_dir()
+            clusters = cluster_pool(self.ctx, embed_pool(self.ctx, pool, model_dir))
+            write_assignments(self.ctx, pool, clusters)
+            return clusters
+        return self._step("clusters", build)
+
+    def token_lengths(self) -> np.ndarray | None:
+        """Tokens per pool row under the scoring model's tokenizer (token budgets only; else None)."""
+        def build() -> np.ndarray | None:
+            self.clusters()
+            if self.cfg.selection.budget.unit != "tokens":
+                return None
+            return token_lengths(self.ctx, self.pool(), self.model_dir())
+        return self._step("tokens", build)
+
+    def selector_parts(self, selection: SelectionConfig | None = None):
+        """(ClusterView, Budget, QuadConfig) of ``selection`` (default: the job's), the budget
+        checked against the pool."""
+        selection = selection or self.cfg.selection
+        key = stable_hash(selection.model_dump(mode="json"))
+        if key not in self._parts:
+            pool, clusters, lengths = self.pool(), self.clusters(), self.token_lengths()
+            if selection.budget.unit == "tokens" and lengths is None:
+                raise JobError("a token budget needs the job's selection.budget.unit to be tokens "
+                               "(the token counts are a step of the job)")
+            _check_budget(selection.budget, len(pool), lengths)
+            self._parts[key] = _selector_parts(selection, clusters.assignments, clusters.centroids,
+                                               lengths if selection.budget.unit == "tokens" else None, len(pool))
+        return self._parts[key]
+
+    def scorer_dir(self) -> Path | None:
+        """The fitted scorer (curvature and the reference side; None for ``random``)."""
+        def build() -> Path | None:
+            self.selector_parts()
+            if self.cfg.selection.method == "random":
+                return None
+            return fit_scorer(self.ctx, self.pool(), self.reference(), self.model_dir())
+        return self._step("scorer", build)
+
+    @contextlib.contextmanager
+    def row_scorer(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """``score_rows(rows) -> float64`` on the job's workers (Ray actors or in-process):
+        checked finite, rounded to float32 precision, counted in :attr:`scoring`."""
+        scorer_dir = self.scorer_dir()
+        if scorer_dir is None:
+            def no_scores(rows: np.ndarray) -> np.ndarray:  # random never scores
+                raise JobError("the random selector asked for scores")
+            yield no_scores
+            return
+        workers = _make_workers(self.cfg, load_scorer_factory(self.cfg, scorer_dir))
+        try:
+            yield _score_rows_fn(self.pool(), workers, self.scoring)
+        finally:
+            workers.shutdown()
+
+    def selector(self, *, selection: SelectionConfig | None = None, seed: int | None = None):
+        """A fresh selector of ``selection`` (default: the job's) seeded with ``seed`` (default: the job's)."""
+        from quadsel.selection import make_selector
+
+        selection = selection or self.cfg.selection
+        view, budget, quad = self.selector_parts(selection)
+        return make_selector(selection.method, view, budget, seed=self.cfg.seed if seed is None else seed,
+                             config=quad if selection.method == "quad" else None)
+
+    def select(self, score_fn: Callable[[np.ndarray], np.ndarray] | None = None, *, selector=None,
+               on_round=None, selection: SelectionConfig | None = None, seed: int | None = None):
+        """Drive ``selector`` (default: a fresh :meth:`selector`) to its end; scores come from
+        ``score_fn`` (rows -> scores) or, without one, from :meth:`row_scorer`. Returns
+        ``(selector, selection result)``."""
+        from quadsel.selection import run_selector
+
+        sel = selector if selector is not None else self.selector(selection=selection, seed=seed)
+        if score_fn is not None:
+            return sel, run_selector(sel, score_fn, on_round=on_round)
+        with self.row_scorer() as score_rows:
+            return sel, run_selector(sel, score_rows, on_round=on_round)
+
+
 def run_selection(cfg: JobConfig, *, stop_after_round: int | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job; ``stop_after_round`` is for resume tests."""
     from .preflight import config_problems, raise_if
@@ -207,26 +353,15 @@ def _scorer_report(scorer_dir: Path) -> dict[str, Any]:
 
 
 def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
-    from quadsel.selection import make_selector, run_selector
-
     t_start = time.monotonic()
     # preflight (jobs.preflight): the config, paths, model, device and scorer are checked before
     # anything is written, the pool's size against k / budget / bandit right after it is read
-    ctx = RunContext.create(cfg, keep_committed=True, command="run", preflight=False)
-    pool, ref = read_sources(ctx)
-    uses_model = (cfg.selection.method != "random" or cfg.selection.budget.unit == "tokens"
-                  or (cfg.embed.kind in MODEL_EMBEDDERS and cfg.embed.model is None))
-    model_dir = prepare_model(ctx, pool) if uses_model else None
-    if model_dir is not None:  # how the model runs is part of what it scores: every later key has it
-        ctx.keys["model"] = model_runtime_key(cfg, ctx.keys["model"])
-    emb = embed_pool(ctx, pool, model_dir)
-    clusters = cluster_pool(ctx, emb)
-    write_assignments(ctx, pool, clusters)
-
-    lengths = token_lengths(ctx, pool, model_dir) if cfg.selection.budget.unit == "tokens" else None
-    _check_budget(cfg, len(pool), lengths)
-    view, budget, quad = _selector_parts(cfg, clusters.assignments, clusters.centroids, lengths, len(pool))
-    scorer_dir = fit_scorer(ctx, pool, ref, model_dir) if cfg.selection.method != "random" else None
+    run = SelectionRun(cfg, preflight=False)
+    ctx = run.ctx
+    pool = run.pool()
+    view, budget, quad = run.selector_parts()  # model, embed, cluster, tokens, budget check
+    clusters, lengths = run.clusters(), run.token_lengths()
+    scorer_dir = run.scorer_dir()
 
     run_key = stable_hash({"stages": ctx.keys, "selection": cfg.selection.model_dump(mode="json"),
                            "quad": quad.model_dump(mode="json"), "budget": [budget.unit, budget.amount],
@@ -247,11 +382,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
             pass
 
-    def new_selector():
-        return make_selector(cfg.selection.method, view, budget, seed=cfg.seed,
-                             config=quad if cfg.selection.method == "quad" else None)
-
-    selector = new_selector()
+    selector = run.selector()
     state_path = ctx.run_dir / "bandit" / "state.json"
     saved = read_selector_state(state_path, run_key)  # None: absent, another config's, or damaged
     if saved is not None:
@@ -261,7 +392,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
             logger.warning("%s: does not fit this selection (%s: %s); starting the selection over",
                            state_path, type(e).__name__, e)
-            selector = new_selector()
+            selector = run.selector()
 
     rounds = {"n": 0}
     progress = Progress("select", total=budget.amount, unit=budget.unit)
@@ -280,23 +411,12 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         if stop_after_round is not None and rounds["n"] >= stop_after_round:
             raise _StopForTest()
 
-    counter = {"scored": 0, "seconds": 0.0}
     t0 = time.monotonic()
-    workers = None
     try:
-        if scorer_dir is not None:
-            workers = _make_workers(cfg, load_scorer_factory(cfg, scorer_dir))
-            score_rows = _score_rows_fn(pool, workers, counter)
-        else:
-            def score_rows(rows):  # random never scores
-                raise JobError("the random selector asked for scores")
         with progress:
-            result = run_selector(selector, score_rows, on_round=checkpoint)
+            _, result = run.select(selector=selector, on_round=checkpoint)
     except _StopForTest:
         return {"stopped_after_round": rounds["n"]}
-    finally:
-        if workers is not None:
-            workers.shutdown()
     ctx.timed("select", t0)
     faults.point("select.done")
 
@@ -320,7 +440,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
         "clusters": int(len(clusters.centroids)),
         "clusters_taken": int(len(np.unique(np.asarray(result.cluster)))) if len(rows) else 0,
         "scored_share": round(selector.scorer_calls / max(1, len(pool)), 4),
-        "scoring_seconds": round(counter["seconds"], 2),
+        "scoring_seconds": round(run.scoring["seconds"], 2),
         "quad": quad.model_dump(mode="json") if cfg.selection.method == "quad" else None,
         "inputs": ctx.inputs,  # per input file: rows kept, rejected, truncated
     }

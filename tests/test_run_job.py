@@ -208,3 +208,40 @@ def test_other_scorers_drive_the_bandit(scorer, over, finished, tmp_path):
         assert len(meta["config"]["checkpoints"]) == len(ckpts) + 1  # + the final model
     else:
         assert not ckpts  # only checkpoint scorers make the job save them
+
+
+def test_the_run_object_steps_reuse_the_job_and_take_an_injected_score_function(finished, tmp_path, monkeypatch):
+    """``SelectionRun``: the job's steps one by one (what the quality benchmark drives). On a copy
+    of a finished run every step reuses its stage; ``select`` with an injected score function
+    (here the job's own row scorer, counted) gives the job's selection; ``selection`` / ``seed``
+    override the job's for one selector."""
+    from quadsel.jobs.config import SelectionConfig
+    from quadsel.jobs.run_job import SelectionRun
+
+    run_dir, summary = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    monkeypatch.chdir(run_dir.parent)  # the same input files: the sources stage's key is kept
+    cfg = JobConfig.model_validate(dict(small_job(run_dir.parent, relative=True), run_dir=str(copy)))
+    run = SelectionRun(cfg)
+    built = []
+    monkeypatch.setattr("quadsel.influence.build_proxy_model", lambda *a, **k: built.append(1))
+    assert len(run.pool()) == summary["pool_rows"] and run.model_dir() is not None and built == []
+    assert len(run.clusters().centroids) == summary["clusters"]
+    assert run.scorer_dir() == copy / "stages" / "scorer" / "scorer"
+    asked: list[int] = []
+    with run.row_scorer() as job_scores:
+        def score_fn(rows):
+            asked.append(len(rows))
+            return job_scores(rows)
+        sel, result = run.select(score_fn)
+    expected = pq.read_table(run_dir / "bandit" / "selected.parquet")
+    assert list(result.rows) == expected.column("row").to_pylist()
+    assert sum(asked) == sel.scorer_calls == run.scoring["scored"] > 0
+    other = SelectionConfig(method="random", budget={"unit": "examples", "amount": 10})
+    sel2, picked = run.select(selection=other, seed=7)
+    assert len(picked.rows) == 10 and sel2.scorer_calls == 0
+    _, again = run.select(selection=other, seed=7)
+    assert list(again.rows) == list(picked.rows)
+    view, budget, _ = run.selector_parts(other)
+    assert budget.amount == 10 and sum(len(m) for m in view.members) == summary["pool_rows"]
