@@ -112,8 +112,10 @@ def test_whole_harness_tiny(tiny_data, tmp_path):
     for r in ood["rows"].values():
         assert "math" not in r["selection"]["domain_mix_tokens"]
     assert (cache / "pool-no-math").is_dir() and list((cache / "pools").glob("pool-no-math-*.jsonl"))
-    for stage in ("proxy-s0", "tokens-s0", "proxy-no-math-s0", "tokens-no-math-s0"):  # neither evicts the other
-        assert (cache / "stages" / stage / "_DONE.json").is_file(), stage
+    # the job's run folder per pool (its stages) and the LM training tokens: neither evicts the other
+    for stage in ("pool/stages/proxy", "pool/stages/tokens", "stages/tokens-s0",
+                  "pool-no-math/stages/proxy", "pool-no-math/stages/tokens", "stages/tokens-no-math-s0"):
+        assert (cache / stage / "_DONE.json").is_file(), stage
     assert len(list((cache / "dsir").glob("weights-*.npz"))) == 2  # one per (pool, target)
     # random trainings of the two pools differ (their own proxy / tokens), broad mix eval the same sets
     assert ood["rows"]["random"]["mix_bpb"]["per_seed"] != full["rows"]["random"]["mix_bpb"]["per_seed"]
@@ -151,8 +153,37 @@ def test_other_scorers_as_quad_and_topk_methods(tiny_data, tmp_path):
         assert 0 < quad["selection"]["scorer_calls"] < s["pool_rows"], name
         assert topk["selection"]["scored_share"] == 1.0, name
         assert all(v > 0 for v in quad["target_bpb"]["per_seed"]), name
-    # vog / el2n read the checkpoints of a second, identical proxy run
-    assert list((tmp_path / "cache" / "stages").glob("proxy-ckpt-s0/model/checkpoints/step_*"))
+    # vog / el2n read the checkpoints the job's proxy step saved
+    assert list((tmp_path / "cache" / "pool" / "stages").glob("proxy/model/checkpoints/step_*"))
+
+
+def test_the_bench_selects_with_the_jobs_steps(tiny_data, tmp_path):
+    """The bench's quad selection (scores from its score cache, injected into the job's selector
+    step) is the selection ``quadsel run`` makes of the same job config with its own scoring."""
+    from bench.quality.data import job_config, prepare_pool, prepare_seed_model, read_reference
+    from bench.quality.scoring import score_cache
+    from bench.quality.select import run_method, selection_config
+    from quadsel.jobs.run_job import run_selection
+
+    cfg = make_config("tiny", data_dir=str(tiny_data), cache_dir=str(tmp_path / "cache"), targets=["gsm8k"])
+    pool = prepare_pool(cfg)
+    model = prepare_seed_model(cfg, pool, 0)
+    budget = model.run.selector_parts()[1].amount
+    cache = score_cache(cfg, pool, model, "ekfac", "gsm8k", read_reference(cfg, "gsm8k"), model.seed)
+    rec = run_method("quad-ekfac", pool, model, budget, 0, cache)
+    cache.close()
+    job = job_config(cfg, pool.path, None, 0, target="gsm8k", scorer="ekfac")
+    job = job.model_copy(update={"run_dir": str(tmp_path / "job"), "selection": selection_config("quad-ekfac", budget)})
+    summary = run_selection(job)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "job" / "bandit" / "selected.parquet").column("row").to_pylist()
+    assert rec.rows.tolist() == rows and summary["selected"] == len(rows) > 0
+    assert rec.used_tokens == summary["selected_tokens"]
+    # each scorer gets the common settings it has: grad-cos takes no damping
+    gradcos = job_config(cfg, pool.path, None, 0, target="gsm8k", scorer="grad-cos")
+    assert "damping" not in gradcos.scorer.model_fields_set
+    assert job.scorer.damping == cfg.scorer.damping and job.model.proxy.checkpoints == min(3, cfg.proxy.steps - 1)
 
 
 def test_stats_helpers():

@@ -1,8 +1,10 @@
 """The pool as a user's run sees it (store, tf-idf embedding, k-means clusters), the proxy model
 and its token counts per seed, and the targets' reference sets.
 
-Everything is built with quadsel's own stages (``jobs.stages`` and ``influence``) and cached
-under the benchmark's cache folder. ``eval.jsonl`` is NOT read here: only
+Everything is built by the job itself: :func:`job_config` states the benchmark's settings as a
+``quadsel run`` job config and ``jobs.run_job.SelectionRun`` runs its steps (pool, clusters,
+proxy model, token counts; the scorer in :mod:`.scoring`), cached in one run folder per pool
+and proxy seed under the benchmark's cache folder. ``eval.jsonl`` is NOT read here: only
 :mod:`bench.quality.train` reads it, for the final evaluation.
 """
 from __future__ import annotations
@@ -13,17 +15,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quadsel.core.atomic import atomic_write_bytes, stable_hash
 from quadsel.pipeline.cluster import ClusterResult
-from quadsel.pipeline.embed import sample_rows
 from quadsel.pipeline.sources import RejectLog, SourceConfig, iter_batches
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
 
 from .config import QualityConfig, base_target
+
+if TYPE_CHECKING:
+    from quadsel.jobs.config import JobConfig
+    from quadsel.jobs.run_job import SelectionRun
 
 logger = logging.getLogger("quadsel.bench.quality")
 
@@ -37,6 +43,7 @@ class PoolData:
     timings: dict[str, float] = field(default_factory=dict)
     excluded_domain: str | None = None  # leave-domain-out: the domain this pool was built without
     path: Path | None = None  # the pool file read
+    runs: dict[int, SelectionRun] = field(default_factory=dict)  # the job's run per proxy seed
 
 
 @dataclass
@@ -45,12 +52,14 @@ class SeedModel:
 
     seed: int
     model_dir: Path
-    key: str
+    key: str  # the proxy's cache key in the benchmark (what the LM trainings depend on)
     lengths: np.ndarray  # tokens per pool row (untruncated, no special tokens): the budget unit
     offsets: np.ndarray  # int64 [N + 1]: row i's tokens are ids[offsets[i]:offsets[i + 1]]
     ids: np.ndarray  # int32, the whole pool tokenized, row after row
     bos_id: int
     seconds: float
+    run: SelectionRun | None = None  # the job's run of this pool and proxy seed
+    score_key: str = ""  # the model's key with how it runs (dtype, device, batch): what scores depend on
 
 
 def pool_file(cfg: QualityConfig, exclude_domain: str | None = None) -> Path:
@@ -88,26 +97,67 @@ def pool_file(cfg: QualityConfig, exclude_domain: str | None = None) -> Path:
     return path
 
 
-def prepare_pool(cfg: QualityConfig, exclude_domain: str | None = None) -> PoolData:
-    """Read, embed and cluster the pool exactly like ``quadsel run`` (cached in ``cache/pool``;
-    a leave-domain-out pool in ``cache/pool-no-<domain>``, with the same embedding and k)."""
+def job_config(cfg: QualityConfig, pool: Path, exclude_domain: str | None, seed: int, *,
+               target: str | None = None, scorer: str | None = None) -> JobConfig:
+    """The ``quadsel run`` job of the benchmark's settings: its pool (tf-idf embedding, k-means,
+    the embedding and clustering seeded 0 for every proxy seed), the proxy trained with ``seed``,
+    a token budget of ``budget_fraction``; with ``target`` and ``scorer``, that target's
+    reference and the scorer as ``scorer.name`` (the common settings each scorer takes)."""
+    import quadsel.influence  # noqa: F401 - registers every scorer
+    from quadsel.influence.base import scorer_class
     from quadsel.jobs.config import JobConfig
-    from quadsel.jobs.stages import RunContext, cluster_pool, embed_pool, read_sources
+
+    p = cfg.proxy
+    tag = "" if exclude_domain is None else f"-no-{exclude_domain}"
+    data: dict[str, Any] = {
+        # one run folder per pool (and per proxy seed when each seed has its own proxy)
+        "run_dir": str(Path(cfg.cache_dir) / (f"pool{tag}-s{seed}" if p.per_seed else f"pool{tag}")),
+        "seed": seed,
+        "pool": {"path": str(pool)},
+        "embed": {"kind": "tfidf", "dim": cfg.embed_dim, "fit_sample": cfg.embed_fit_sample, "seed": 0},
+        "cluster": {"k": cfg.cluster_k, "seed": 0},
+        "model": {"path": None, "max_length": p.max_length, "device": cfg.device, "batch_size": p.score_batch,
+                  # one proxy for every scorer: its training checkpoints are there for vog / el2n
+                  "proxy": {**p.model_dump(exclude={"max_length", "score_batch", "per_seed"}),
+                            "checkpoints": min(3, p.steps - 1)}},
+        "selection": {"method": "random" if scorer is None else "quad",
+                      "budget": {"unit": "tokens", "fraction": cfg.budget_fraction}},
+        "ray": {"enabled": False},
+    }
+    if target is not None:
+        data["reference"] = {"path": str(cfg.target_dir(base_target(target)) / "reference.jsonl")}
+    if scorer is not None:
+        s = cfg.scorer
+        allowed = scorer_class(scorer).option_names()
+        common = {k: v for k, v in (("layers", s.layers), ("damping", s.damping), ("damping_mode", "relative"))
+                  if k in allowed}  # settings shared by every scorer: each takes what it has
+        data["scorer"] = {"name": scorer, "fit_sample": s.fit_sample, "options": dict(s.options.get(scorer, {})),
+                          **common}
+    return JobConfig.model_validate(data)
+
+
+def seed_run(cfg: QualityConfig, pool: PoolData, seed: int) -> SelectionRun:
+    """The job's run of ``pool`` with the proxy of ``seed`` (one per pool and proxy seed)."""
+    from quadsel.jobs.run_job import SelectionRun
+
+    seed = proxy_seed(cfg, seed)
+    if seed not in pool.runs:
+        pool.runs[seed] = SelectionRun(job_config(cfg, pool.path, pool.excluded_domain, seed))
+    return pool.runs[seed]
+
+
+def prepare_pool(cfg: QualityConfig, exclude_domain: str | None = None) -> PoolData:
+    """Read, embed and cluster the pool with ``quadsel run``'s own steps (a leave-domain-out pool
+    in its own run folder, with the same embedding and k). The job's order is pool, model,
+    embedding: the first seed's proxy is trained here."""
+    from quadsel.jobs.run_job import SelectionRun
 
     path = pool_file(cfg, exclude_domain)
-    job = JobConfig.model_validate({
-        "run_dir": str(Path(cfg.cache_dir) / ("pool" if exclude_domain is None else f"pool-no-{exclude_domain}")),
-        "pool": {"path": str(path)},
-        "embed": {"kind": "tfidf", "dim": cfg.embed_dim, "fit_sample": cfg.embed_fit_sample},
-        "cluster": {"k": cfg.cluster_k},
-    })
-    ctx = RunContext.create(job)
-    store, _ = read_sources(ctx)
-    emb = embed_pool(ctx, store)
-    clusters = cluster_pool(ctx, emb)
-    domains = _domains(store)
-    return PoolData(store=store, clusters=clusters, key=ctx.keys["sources"], domains=domains,
-                    timings=dict(ctx.timings), excluded_domain=exclude_domain, path=path)
+    seed = proxy_seed(cfg, cfg.seeds[0])
+    run = SelectionRun(job_config(cfg, path, exclude_domain, seed))
+    store, clusters = run.pool(), run.clusters()
+    return PoolData(store=store, clusters=clusters, key=run.keys["sources"], domains=_domains(store),
+                    timings=dict(run.ctx.timings), excluded_domain=exclude_domain, path=path, runs={seed: run})
 
 
 def _domains(store: PoolStore) -> np.ndarray:
@@ -146,37 +196,22 @@ def proxy_seed(cfg: QualityConfig, seed: int) -> int:
     return seed if cfg.proxy.per_seed else cfg.seeds[0]
 
 
-def _train_proxy(cfg: QualityConfig, pool: PoolData, seed: int, out: Path, save_checkpoints: int = 0) -> int:
-    """``build_proxy_model`` with the benchmark's settings on the seeded pool sample (the rows
-    ``jobs.models`` would use); returns how many rows it trained on."""
-    from quadsel.influence import build_proxy_model
-
-    p = cfg.proxy
-    rows = sample_rows(len(pool.store), p.train_sample, seed + 1)
-    build_proxy_model(pool.store.texts(rows), out, seed=seed, vocab_size=p.vocab_size,
-                      hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                      max_length=p.max_length, train_length=min(p.train_length, p.max_length),
-                      steps=p.steps, batch_size=p.batch_size, lr=p.lr, save_checkpoints=save_checkpoints)
-    return len(rows)
-
-
 def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedModel:
-    """The proxy of ``seed`` (trained on a seeded pool sample; cached) and the pool in its tokens."""
-    seed = proxy_seed(cfg, seed)
-    p = cfg.proxy
-    settings = p.model_dump(mode="json", exclude={"score_batch", "per_seed"})
-    key = stable_hash({"v": 1, "pool": pool.key, "proxy": settings, "seed": seed})
-    cache = Path(cfg.cache_dir)
-    tag = pool_tag(pool)  # one stage folder per pool: a leave-domain-out run never evicts the full pool's
-    stage = Stage(cache, f"proxy{tag}-s{seed}", key)
+    """The proxy of ``seed`` and the pool's token counts (the job's model and token steps), and
+    the pool in the proxy's tokens for training the evaluated LMs (cached)."""
     t0 = time.monotonic()
-    if not stage.is_done():
-        logger.info("seed %d: training the proxy model on %d pool rows", seed, min(p.train_sample, len(pool.store)))
-        with stage.building() as tmp:
-            n_rows = _train_proxy(cfg, pool, seed, tmp / "model")
-            stage.commit(tmp, {"train_rows": n_rows, "seconds": round(time.monotonic() - t0, 2)})
-    model_dir = stage.path / "model"
-    tok_stage = Stage(cache, f"tokens{tag}-s{seed}", stable_hash({"v": 1, "model": key}))
+    run = seed_run(cfg, pool, seed)
+    if run.keys["cluster"] != pool.runs[next(iter(pool.runs))].keys["cluster"]:
+        raise RuntimeError("the pool's clustering differs between proxy seeds (embed / cluster seeds must be fixed)")
+    model_dir = Path(run.model_dir())
+    lengths = run.token_lengths()
+    seed = proxy_seed(cfg, seed)
+    # the benchmark's name of this proxy (the LM trainings' cache key): a function of what the
+    # job's proxy key hashes too (the pool, the proxy settings, max_length, the seed)
+    key = stable_hash({"v": 1, "pool": pool.key, "seed": seed,
+                       "proxy": cfg.proxy.model_dump(mode="json", exclude={"score_batch", "per_seed"})})
+    # the training ids of each row, in the proxy's tokenizer (one stage folder per pool and seed)
+    tok_stage = Stage(Path(cfg.cache_dir), f"tokens{pool_tag(pool)}-s{seed}", stable_hash({"v": 1, "model": key}))
     if not tok_stage.is_done():
         with tok_stage.building() as tmp:
             offsets, ids = _tokenize_pool(model_dir, pool.store)
@@ -185,24 +220,12 @@ def prepare_seed_model(cfg: QualityConfig, pool: PoolData, seed: int) -> SeedMod
             tok_stage.commit(tmp, {"tokens": int(offsets[-1])})
     offsets = np.load(tok_stage.path / "offsets.npy")
     ids = np.load(tok_stage.path / "ids.npy", mmap_mode="r")
+    if not np.array_equal(np.diff(offsets), lengths):  # what the budget counts is what an LM trains on
+        raise RuntimeError(f"{tok_stage.path}: the training tokens differ from the job's token counts")
     tok = load_tokenizer(model_dir)
-    return SeedModel(seed=seed, model_dir=model_dir, key=key, lengths=np.diff(offsets), offsets=offsets,
-                     ids=ids, bos_id=int(tok.bos_token_id), seconds=round(time.monotonic() - t0, 2))
-
-
-def proxy_checkpoints(cfg: QualityConfig, pool: PoolData, model: SeedModel, n: int = 3) -> list[str]:
-    """Training checkpoints of ``model``'s proxy (for vog / el2n), oldest first, ending with the
-    proxy itself. A second, identical training run that also saves ``n`` checkpoints, cached in
-    its own stage, so the proxy every other method uses (and its cached scores) is untouched."""
-    stage = Stage(Path(cfg.cache_dir), f"proxy-ckpt{pool_tag(pool)}-s{model.seed}",
-                  stable_hash({"v": 1, "model": model.key, "checkpoints": n}))
-    if not stage.is_done():
-        logger.info("seed %d: training the proxy again to save %d checkpoints (vog / el2n)", model.seed, n)
-        with stage.building() as tmp:
-            _train_proxy(cfg, pool, model.seed, tmp / "model", save_checkpoints=n)
-            stage.commit(tmp, {"checkpoints": n})
-    ckpts = sorted((stage.path / "model" / "checkpoints").glob("step_*"))
-    return [str(c) for c in ckpts] + [str(model.model_dir)]
+    return SeedModel(seed=seed, model_dir=model_dir, key=key, lengths=lengths, offsets=offsets,
+                     ids=ids, bos_id=int(tok.bos_token_id), seconds=round(time.monotonic() - t0, 2), run=run,
+                     score_key=run.keys["model"])
 
 
 def load_tokenizer(model_dir: Path):

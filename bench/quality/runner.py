@@ -23,7 +23,7 @@ from .data import PoolData, SeedModel, encode, load_tokenizer, prepare_pool, pre
 from .dsir import select_dsir
 from .ngram import fit_and_evaluate
 from .scoring import ScoreCache, score_cache
-from .select import cluster_view, describe, pool_description, run_method
+from .select import describe, pool_description, run_method
 from .summary import summarise
 from .train import EvalSet, load_eval_sets, train_and_evaluate
 
@@ -89,8 +89,7 @@ def run_target_seed(cfg: QualityConfig, pool: PoolData, model: SeedModel, target
                     reference: list[str], eval_sets: dict[str, EvalSet]) -> dict[str, Any]:
     """Every method for one (target, seed): selection stats, training, evaluation, timings."""
     base = base_target(target)  # the eval set of the target (linux-ood is evaluated on linux)
-    base_budget = int(round(cfg.budget_fraction * float(model.lengths.sum())))
-    view_quad = cluster_view(pool, model, base_budget)
+    base_budget = model.run.selector_parts()[1].amount  # the job's budget: budget_fraction of the pool's tokens
     caches: dict[str, ScoreCache] = {}
     out: dict[str, Any] = {}
     for method in [m for m in _ORDER if m in cfg.methods]:
@@ -116,7 +115,7 @@ def run_target_seed(cfg: QualityConfig, pool: PoolData, model: SeedModel, target
                     # the scorer belongs to the proxy: with one proxy for all seeds, one score cache too
                     caches[scorer] = score_cache(cfg, pool, model, scorer, target, reference, model.seed)
                 cache = caches[scorer]
-            rec = run_method(method, pool, model, base_budget, seed, cache, view_quad)
+            rec = run_method(method, pool, model, base_budget, seed, cache)
             docs = _selection_docs(model, rec.rows)
             texts = pool.store.texts(rec.rows)
             sel = {**rec.stats, "budget_tokens": rec.budget_tokens, "used_tokens": rec.used_tokens,
@@ -135,6 +134,8 @@ def run_target_seed(cfg: QualityConfig, pool: PoolData, model: SeedModel, target
                     "" if ng is None else f"  | n-gram target {ng['eval'][base]['bpb']:.4f} mix "
                     f"{np.mean([e['bpb'] for e in ng['eval'].values()]):.4f} ({ng['seconds']:.1f}s)",
                     sel.get("scorer_calls"), t_sel, res.get("train_seconds", 0.0), " cached" if cached else "")
+    for c in caches.values():
+        c.close()
     out["_scoring"] = {name: {**c.stats, "seconds_per_token": c.seconds_per_token, "full_pool_seconds_est":
                               c.cost_of(np.arange(len(pool.store)))} for name, c in caches.items()}
     out["_budget_tokens"] = base_budget

@@ -8,6 +8,7 @@ a report price each method's calls honestly, whichever method happened to comput
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -16,39 +17,28 @@ from typing import Callable
 import numpy as np
 
 from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, stable_hash
-from quadsel.pipeline.embed import sample_rows
 
 from .config import QualityConfig
-from .data import PoolData, SeedModel, proxy_checkpoints
+from .data import PoolData, SeedModel, job_config
 
 logger = logging.getLogger("quadsel.bench.quality")
 
 
-def make_fitted_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, name: str,
-                       reference: list[str], seed: int):
-    """The scorer as ``jobs.models.fit_scorer`` builds it: curvature on a seeded pool sample,
-    the reference set collapsed to one vector per layer. Returns (scorer, seconds)."""
-    from quadsel.influence import InfluenceModel, make_scorer
-    from quadsel.influence.base import scorer_class
-    from quadsel.jobs.config import ScorerConfig
-    from quadsel.jobs.models import scorer_kwargs
+def fitted_row_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, name: str, target: str,
+                      stack: contextlib.ExitStack) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """The job's scorer step for ``scorer.name: <name>`` and ``target``'s reference on this pool
+    and proxy (``jobs.run_job.SelectionRun``: curvature on the job's seeded pool sample, the
+    reference collapsed to one vector per layer, scores of pool rows checked and rounded as
+    ``quadsel run`` does). Returns (score_rows, seconds to fit and load it)."""
+    from quadsel.jobs.run_job import SelectionRun
 
     t0 = time.monotonic()
-    im = InfluenceModel.load(str(model.model_dir), max_length=cfg.proxy.max_length, device=cfg.device,
-                             batch_size=cfg.proxy.score_batch)
-    s = cfg.scorer
-    options = dict(s.options.get(name, {}))
-    if scorer_class(name).needs_checkpoints and "checkpoints" not in options:
-        options["checkpoints"] = proxy_checkpoints(cfg, pool, model)
-    # the options `quadsel run` would pass for `scorer.name: <name>` with these settings
-    job_scorer = ScorerConfig.model_validate({"name": name, "layers": s.layers, "damping": s.damping,
-                                              "damping_mode": "relative", "options": options})
-    # settings shared by every scorer (none set for this one in particular): each takes what it has
-    sc = make_scorer(name, im, **scorer_kwargs(job_scorer, seed, explicit=set()))
-    if sc.needs_fit:
-        sc.fit(pool.store.texts(sample_rows(len(pool.store), s.fit_sample, seed + 2)))
-    sc.set_reference(reference)
-    return sc, time.monotonic() - t0
+    run = SelectionRun(job_config(cfg, pool.path, pool.excluded_domain, model.seed, target=target, scorer=name))
+    run.pool()
+    if run.keys["sources"] != pool.key:
+        raise RuntimeError("the scorer's run reads another pool than the benchmark's")
+    score_rows = stack.enter_context(run.row_scorer())
+    return score_rows, time.monotonic() - t0
 
 
 class ScoreCache:
@@ -56,13 +46,13 @@ class ScoreCache:
     after every computation, so an interrupted benchmark resumes without rescoring."""
 
     def __init__(self, folder: Path, key: str, n_rows: int, truncated_len: np.ndarray,
-                 build: Callable[[], tuple[object, float]], texts: Callable[[np.ndarray], list[str]]) -> None:
+                 build: Callable[[contextlib.ExitStack], tuple[Callable[[np.ndarray], np.ndarray], float]]) -> None:
         self.folder = folder
         self.key = key
         self.truncated_len = truncated_len
         self._build = build
-        self._texts = texts
-        self._scorer = None
+        self._scorer: Callable[[np.ndarray], np.ndarray] | None = None
+        self._stack = contextlib.ExitStack()  # the scorer's workers, shut down by close()
         self.values = np.full(n_rows, np.nan)
         self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "fit_seconds": None}
         arr, meta = folder / f"{key}.npy", folder / f"{key}.json"
@@ -86,17 +76,21 @@ class ScoreCache:
         missing = np.unique(rows[np.isnan(self.values[rows])])
         if missing.size:
             if self._scorer is None:
-                self._scorer, fit_s = self._build()
+                self._scorer, fit_s = self._build(self._stack)
                 self.stats["fit_seconds"] = round(fit_s, 3)
             t0 = time.monotonic()
-            scores = np.asarray(self._scorer.score(self._texts(missing)), dtype=np.float64)
+            scores = self._scorer(missing)  # the job's score_rows: checked finite, float32 precision
             self.stats["seconds"] += time.monotonic() - t0
             self.stats["rows"] += int(missing.size)
             self.stats["tokens"] += int(self.truncated_len[missing].sum())
-            # float32 precision, as quadsel run does: a score must not depend on batch composition
-            self.values[missing] = scores.astype(np.float32).astype(np.float64)
+            self.values[missing] = scores
             self._save()
         return self.values[rows].copy()
+
+    def close(self) -> None:
+        """Shut the scorer's workers down (a later call that needs scores starts them again)."""
+        self._stack.close()
+        self._scorer = None
 
     def _save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +103,8 @@ class ScoreCache:
 def score_cache(cfg: QualityConfig, pool: PoolData, model: SeedModel, scorer: str, target: str,
                 reference: list[str], seed: int) -> ScoreCache:
     s = cfg.scorer
-    key = stable_hash({"v": 1, "model": model.key, "scorer": scorer, "target": target,
+    # v2: scored by the job's own scorer step (its saved scorer, on its workers' chunks)
+    key = stable_hash({"v": 2, "model": model.score_key, "scorer": scorer, "target": target,
                        "reference": stable_hash(reference), "fit_sample": s.fit_sample, "damping": s.damping,
                        "layers": s.layers, "max_length": cfg.proxy.max_length, "seed": seed,
                        **({"options": s.options[scorer]} if s.options.get(scorer) else {})})
@@ -117,5 +112,4 @@ def score_cache(cfg: QualityConfig, pool: PoolData, model: SeedModel, scorer: st
     truncated = np.minimum(model.lengths + 1, cfg.proxy.max_length)
     return ScoreCache(Path(cfg.cache_dir) / "scores", f"{scorer}-{target}-s{seed}-{key}", len(pool.store),
                       truncated,
-                      build=lambda: make_fitted_scorer(cfg, pool, model, scorer, reference, seed),
-                      texts=pool.store.texts)
+                      build=lambda stack: fitted_row_scorer(cfg, pool, model, scorer, target, stack))

@@ -1,9 +1,10 @@
 """Run one method's selector on the pool and describe what it took.
 
-Selectors are built exactly as ``quadsel run`` builds them (``selection.make_selector`` with a
-``ClusterView`` of the tf-idf clusters, a token budget and ``QuadConfig.scaled`` for quad) and
-driven by ``selection.run_selector``. Domain labels are looked up only AFTER a selection is
-final, to measure it.
+Selectors are built and driven by the job's own selector step
+(``jobs.run_job.SelectionRun.select``: the ``ClusterView`` of the tf-idf clusters, the token
+budget and ``QuadConfig.scaled`` for quad), with each method's ``selection`` settings and seed,
+the scores coming from the benchmark's score cache. Domain labels are looked up only AFTER a
+selection is final, to measure it.
 """
 from __future__ import annotations
 
@@ -29,37 +30,24 @@ class SelectionRecord:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def cluster_view(pool: PoolData, model: SeedModel, budget: int):
-    """(ClusterView, QuadConfig) as jobs.run_job._selector_parts makes them for a token budget."""
-    from quadsel.pipeline.cluster import neighbour_graph
-    from quadsel.selection import Budget, ClusterView, QuadConfig
+def selection_config(method: str, budget: int):
+    """The job's ``selection`` section of ``method`` at ``budget`` tokens."""
+    from quadsel.jobs.config import SelectionConfig
 
-    assignments, centroids = pool.clusters.assignments, pool.clusters.centroids
-    b = Budget(unit="tokens", amount=int(budget))
-    quad = QuadConfig.scaled(len(assignments), len(centroids), b, mean_tokens=float(model.lengths.mean()))
-    order = np.argsort(assignments, kind="stable")
-    bounds = np.searchsorted(assignments[order], np.arange(len(centroids) + 1))
-    members = [order[bounds[c]:bounds[c + 1]].astype(np.int64) for c in range(len(centroids))]
-    view = ClusterView(members=members, neighbours=neighbour_graph(centroids, quad.gamma),
-                       lengths=model.lengths)
-    return view, quad
+    selector_name = METHODS[method][0]
+    greedy = selector_name == "quad-greedy"  # Quad's own rule: selection.quad.allocation = greedy
+    return SelectionConfig(method="quad" if greedy else selector_name,
+                           budget={"unit": "tokens", "amount": int(budget)},
+                           quad={"allocation": "greedy"} if greedy else {})
 
 
 def run_method(method: str, pool: PoolData, model: SeedModel, base_budget: int, seed: int,
-               scores: ScoreCache | None, view_quad=None) -> SelectionRecord:
+               scores: ScoreCache | None) -> SelectionRecord:
     """Select with ``method`` at its multiple of ``base_budget`` tokens; scores come from
     ``scores`` (a cache shared by the methods of one scorer)."""
-    from quadsel.selection import Budget, make_selector, run_selector
-
-    selector_name, scorer_name, mult = METHODS[method]
-    budget = base_budget * mult
-    view, quad = view_quad if view_quad is not None else cluster_view(pool, model, base_budget)
-    if mult != 1:  # the quad constants scale with the budget; only random uses multiples
-        view, quad = cluster_view(pool, model, budget)
-    if selector_name == "quad-greedy":
-        selector_name, quad = "quad", quad.model_copy(update={"allocation": "greedy"})
-    sel = make_selector(selector_name, view, Budget(unit="tokens", amount=int(budget)), seed=seed,
-                        config=quad if selector_name == "quad" else None)
+    _, _, mult = METHODS[method]
+    budget = base_budget * mult  # the quad constants scale with the budget; only random uses multiples
+    selection = selection_config(method, budget)
     timer = {"score": 0.0}
     asked: list[np.ndarray] = []
 
@@ -72,8 +60,9 @@ def run_method(method: str, pool: PoolData, model: SeedModel, base_budget: int, 
         timer["score"] += time.monotonic() - t0
         return out
 
+    _, _, quad = model.run.selector_parts(selection)
     t0 = time.monotonic()
-    result = run_selector(sel, score_rows)
+    sel, result = model.run.select(score_rows, selection=selection, seed=seed)
     overhead = time.monotonic() - t0 - timer["score"]
     rows = np.asarray(result.rows, dtype=np.int64)
     probed = np.concatenate(asked) if asked else np.zeros(0, np.int64)
@@ -90,7 +79,7 @@ def run_method(method: str, pool: PoolData, model: SeedModel, base_budget: int, 
         "filled_rows": int(np.asarray(result.fill).sum()),
         "notes": list(result.notes),
     }
-    if selector_name == "quad":
+    if selection.method == "quad":
         rec.stats["quad"] = quad.model_dump(mode="json")
         rec.stats["rounds"] = int(result.n_rounds)
     return rec
