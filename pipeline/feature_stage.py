@@ -1,23 +1,24 @@
-"""The distributed feature stage: pool shards -> feature shards keyed by id, on Ray Data or in-process.
+"""The feature stage: pool shards -> feature shards keyed by id, on the one executor.
 
 Work plan (independent of the number of workers): every input pool shard ``part-NNNNN.arrow``
 is cut into chunks of ``batch_size`` rows from its start; a chunk is the unit a worker embeds
-(``Embedder.transform`` on exactly those texts). Workers load the fitted embedder from
-``embedder_dir`` and read their texts from the memory-mapped pool store (both on storage every
-node sees). The driver places each chunk's vectors by row, and when an input shard is complete
-writes ``out_dir/part-NNNNN.arrow`` (ids + vectors, the :mod:`pipeline.embed.store` shard
-format) and then its completion marker ``part-NNNNN.done.json`` (:func:`pipeline.stage.write_marker`:
-its key, and the shard's checksum). ``index.json`` comes last, so the
-folder is an :class:`~pipeline.embed.EmbeddingStore` (rows in pool order) that
-:func:`pipeline.cluster.cluster_store` reads as it is.
+(``Embedder.transform`` on exactly those texts). The work runs on the executor that scoring
+runs on (:mod:`quadsel.pipeline.ray_runtime`: ``LocalPool`` in-process, ``RayPool`` on Ray
+actors, each loading the fitted embedder once from ``embedder_dir``, on storage every node
+sees); the stage declares what an actor needs (CPUs, GPUs) and the executor does the rest
+(connecting to Ray or starting it, retries of chunks whose actor died, shutting down what it
+started). The driver reads one pool shard's texts at a time, gets its vectors back in order and
+writes ``out_dir/part-NNNNN.arrow`` (ids + vectors, the :mod:`quadsel.pipeline.embed.store` shard
+format), then its completion marker ``part-NNNNN.done.json`` (:func:`quadsel.pipeline.stage.write_marker`:
+its key, and the shard's checksum). ``index.json`` comes last, so the folder is an
+:class:`~quadsel.pipeline.embed.EmbeddingStore` (rows in pool order) that
+:func:`quadsel.pipeline.cluster.cluster_store` reads as it is.
 
 - Deterministic: the same chunks are embedded whatever the backend or worker count, and a row is
   placed by its position, so the shards are byte-identical for 1 or N workers, local or Ray.
 - Resumable per shard: a rerun skips every shard whose marker matches (same embedder files, same
   input shard, output present with the recorded checksum) and computes only the others.
-- Streaming: Ray Data feeds chunk descriptors to a fixed-size actor pool
-  (``map_batches(..., compute=ActorPoolStrategy(size=n))``) and the driver consumes results
-  with ``iter_batches`` in order (``preserve_order``); memory holds the shards in flight only.
+- Memory: the driver holds one pool shard's texts and vectors at a time.
 - Resources: ``num_gpus_per_actor`` > 0 puts each actor on its own GPU share (the embedder's
   ``device: auto`` then picks CUDA); otherwise actors are CPU workers with
   ``num_cpus_per_actor`` torch threads each. The local backend uses the same thread count so
@@ -26,11 +27,11 @@ folder is an :class:`~pipeline.embed.EmbeddingStore` (rows in pool order) that
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -68,24 +69,6 @@ def embedder_fingerprint(embedder_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class Chunk:
-    shard: int   # input shard index
-    start: int   # first row within the shard
-    stop: int
-
-
-def plan_chunks(store: PoolStore, shards: list[int], batch_size: int) -> list[Chunk]:
-    """Chunks of ``batch_size`` rows from the start of each listed shard, in pool order."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    out = []
-    for s in shards:
-        rows = int(store.index["shards"][s]["rows"])
-        out.extend(Chunk(s, a, min(a + batch_size, rows)) for a in range(0, rows, batch_size))
-    return out
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     if not n:
@@ -101,68 +84,30 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-class FeatureWorker:
-    """Embeds chunks: what runs in each Ray actor (and in-process for the local backend)."""
+class Features:
+    """What each worker (a Ray actor, or in-process) holds: the fitted embedder, loaded once from
+    ``embedder_dir`` (shared storage); ``transform(texts)`` is one chunk's vectors."""
 
-    def __init__(self, pool_root: str, embedder_dir: str, threads: int | None = None) -> None:
-        if threads:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-            import torch
-
-            torch.set_num_threads(threads)
-        self.store = PoolStore.open(pool_root)
+    def __init__(self, embedder_dir: str) -> None:
         self.embedder = load_embedder(embedder_dir)
 
-    def embed(self, shard: int, start: int, stop: int) -> tuple[list[str], np.ndarray]:
-        off = int(self.store.index["shards"][shard]["offset"])
-        table = self.store.take(np.arange(off + start, off + stop), ["id", "text"])
-        ids = table.column("id").to_pylist()
-        vecs = np.ascontiguousarray(self.embedder.transform(table.column("text").to_pylist()), np.float32)
-        if vecs.shape != (len(ids), self.embedder.dim):
+    def transform(self, texts: list[str]) -> np.ndarray:
+        faults.point("embed.batch")
+        vecs = np.ascontiguousarray(self.embedder.transform(texts), np.float32)
+        if vecs.shape != (len(texts), self.embedder.dim):
             raise ValueError(f"features: {type(self.embedder).__name__} returned shape {vecs.shape} for "
-                             f"{len(ids)} texts, expected ({len(ids)}, {self.embedder.dim})")
-        return ids, vecs
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Ray Data UDF: one row per chunk in, one row per chunk out (vectors as raw float32 bytes)."""
-        shards, starts, stops = (batch.column(c).to_pylist() for c in ("shard", "start", "stop"))
-        ids_out, vec_out = [], []
-        for s, a, b in zip(shards, starts, stops):
-            ids, vecs = self.embed(s, a, b)
-            ids_out.append(ids)
-            vec_out.append(vecs.tobytes())
-        return pa.table({"shard": pa.array(shards, pa.int64()), "start": pa.array(starts, pa.int64()),
-                         "ids": pa.array(ids_out, pa.list_(pa.string())),
-                         "vectors": pa.array(vec_out, pa.large_binary())})
+                             f"{len(texts)} texts, expected ({len(texts)}, {self.embedder.dim})")
+        return vecs
 
 
-class _Assembler:
-    """Collects chunk results per input shard; writes a shard (then its marker) once complete."""
-
-    def __init__(self, store: PoolStore, out: Path, dim: int, marker: dict[str, Any]) -> None:
-        self.store, self.out, self.dim, self.marker = store, out, dim, marker
-        self.open: dict[int, tuple[list[str | None], np.ndarray, list[int]]] = {}
-        self.written = 0
-
-    def add(self, shard: int, start: int, ids: list[str], vecs: np.ndarray) -> None:
-        if shard not in self.open:
-            rows = int(self.store.index["shards"][shard]["rows"])
-            self.open[shard] = ([None] * rows, np.zeros((rows, self.dim), np.float32), [0])
-        sid, svec, filled = self.open[shard]
-        sid[start:start + len(ids)] = ids
-        svec[start:start + len(ids)] = vecs
-        filled[0] += len(ids)
-        if filled[0] == len(sid):
-            self._write(shard, sid, svec)  # type: ignore[arg-type]
-            del self.open[shard]
-
-    def _write(self, shard: int, ids: list[str], vecs: np.ndarray) -> None:
-        name = shard_name(self.store, shard)
-        write_vector_shard(self.out / name, ids, vecs)
-        zero = int(np.count_nonzero(~vecs.any(axis=1)))
-        write_marker(_marker_path(self.out, name), _shard_key(self.store, shard, self.marker), files=[name],
-                     info={"file": name, "rows": len(ids), "zero_rows": zero})
-        self.written += 1
+def _write_shard(store: PoolStore, out: Path, shard: int, ids: list[str], vecs: np.ndarray,
+                 marker: dict[str, Any]) -> None:
+    """A finished feature shard, then its completion marker."""
+    name = shard_name(store, shard)
+    write_vector_shard(out / name, ids, vecs)
+    zero = int(np.count_nonzero(~vecs.any(axis=1)))
+    write_marker(_marker_path(out, name), _shard_key(store, shard, marker), files=[name],
+                 info={"file": name, "rows": len(ids), "zero_rows": zero})
 
 
 def shard_name(store: PoolStore, shard: int) -> str:
@@ -194,7 +139,7 @@ def compute_features(
     backend: Backend = "local",
     num_actors: int = 1,
     num_cpus_per_actor: float = 1.0,
-    num_gpus_per_actor: float = 0.0,
+    num_gpus_per_actor: float | None = 0.0,
     batch_size: int = 1024,
     threads: int | None = None,
     address: str | None = None,
@@ -202,20 +147,26 @@ def compute_features(
 ) -> EmbeddingStore:
     """Embed every row of ``store`` with the embedder saved in ``embedder_dir`` into ``out_dir``.
 
-    Shards already done (matching marker) are skipped; see the module docstring. With
-    ``backend="ray"`` an existing Ray connection is used, else ``ray.init(address)`` is called
-    (and shut down afterwards). ``threads``: torch threads per worker (default: the CPUs per
-    actor for Ray CPU actors, unchanged for the local backend; torch embedders give the same
-    bits on both backends only with the same thread count). ``stats``, when given, is filled
-    with timings: ``rows``, ``seconds``, ``first_result_s`` (start-up: workers loading the
-    embedder, first chunk) and ``steady_rows_per_s`` (rows after the first chunk per second).
+    Shards already done (matching marker) are skipped; see the module docstring. The work runs on
+    the executor of :mod:`quadsel.pipeline.ray_runtime` (``LocalPool`` or ``RayPool``, as scoring
+    does): with ``backend="ray"`` an existing Ray connection is used, else it connects (and
+    shuts down what it started afterwards). ``num_gpus_per_actor=None``: one GPU per actor when
+    the cluster has GPUs. ``threads``: torch threads per worker (default: the CPUs per actor for
+    Ray CPU actors, unchanged for the local backend; torch embedders give the same bits on both
+    backends only with the same thread count). ``stats``, when given, is filled with timings:
+    ``rows``, ``seconds``, ``first_result_s`` (start-up: workers loading the embedder, first
+    chunk) and ``steady_rows_per_s`` (rows after the first chunk per second).
     """
+    from .ray_runtime import LocalPool, RayPool
+
     t0 = time.perf_counter()
     clock = _Clock(t0)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend: expected 'local' or 'ray', got {backend!r}")
     if num_actors <= 0:
         raise ValueError(f"num_actors must be positive, got {num_actors}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -229,30 +180,31 @@ def compute_features(
     if skipped:
         logger.info("features: %d of %d shards already done (markers match); computing %d",
                     skipped, n_shards, len(todo))
-    ray_threads = threads or (max(1, int(num_cpus_per_actor)) if not num_gpus_per_actor else None)
-    chunks = plan_chunks(store, todo, batch_size)
-    rows_todo = sum(c.stop - c.start for c in chunks)
-    dim = None
-    if chunks:
-        if backend == "local":
-            with _torch_threads(threads):
-                worker = FeatureWorker(str(store.root), str(embedder_dir), None)
-                dim = int(worker.embedder.dim)
-                asm = _Assembler(store, out, dim, marker)
-                with Progress("features", total=rows_todo, unit="rows") as prog:
-                    for c in chunks:
-                        faults.point("embed.batch")
-                        ids, vecs = worker.embed(c.shard, c.start, c.stop)
-                        asm.add(c.shard, c.start, ids, vecs)
-                        prog.advance(len(ids))
-                        clock.tick(len(ids))
-        else:
-            dim = int(meta.get("dim", 0)) or None
-            asm = _run_ray(store, embedder_dir, out, chunks, marker, dim, rows_todo, num_actors=num_actors,
-                           num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor, threads=ray_threads,
-                           address=address, clock=clock)
-        if asm.open:
-            raise RuntimeError(f"features: shards {sorted(asm.open)} did not receive all their rows")
+    rows_todo = sum(int(store.index["shards"][s]["rows"]) for s in todo)
+    if todo:
+        factory = functools.partial(Features, str(embedder_dir))
+        with contextlib.ExitStack() as stack:
+            if backend == "local":
+                stack.enter_context(_torch_threads(threads))
+                pool: Any = LocalPool(factory, chunk_size=batch_size, method="transform")
+            else:
+                pool = RayPool(factory, method="transform", num_actors=num_actors, num_cpus=num_cpus_per_actor,
+                               num_gpus=num_gpus_per_actor, threads=threads, chunk_size=batch_size, address=address)
+            stack.callback(pool.shutdown)
+            prog = stack.enter_context(Progress("features", total=rows_todo, unit="rows"))
+
+            def chunk_done(n: int) -> None:
+                prog.advance(n)
+                clock.tick(n)
+
+            for s in todo:  # chunks of batch_size rows from the start of each shard, as a unit
+                off, rows = int(store.index["shards"][s]["offset"]), int(store.index["shards"][s]["rows"])
+                table = store.take(np.arange(off, off + rows), ["id", "text"])
+                vecs = pool.map(table.column("text").to_pylist(), on_chunk=chunk_done)
+                _write_shard(store, out, s, table.column("id").to_pylist(), vecs, marker)
+            if backend == "ray":
+                logger.info("features: %d rows on %d Ray actors (%s CPU, %s GPU each)", rows_todo,
+                            pool.num_actors, num_cpus_per_actor, pool._options["num_gpus"])
     result = _finish(store, out, meta, marker)
     if stats is not None:
         stats.update(clock.summary(time.perf_counter() - t0), shards_done_before=skipped,
@@ -279,49 +231,6 @@ class _Clock:
         return {"rows": self.rows, "seconds": seconds,
                 "first_result_s": None if self.first is None else self.first - self.t0,
                 "steady_rows_per_s": steady}
-
-
-def _run_ray(store: PoolStore, embedder_dir: Path, out: Path, chunks: list[Chunk], marker: dict[str, Any],
-             dim: int | None, rows_todo: int, *, num_actors: int, num_cpus: float, num_gpus: float,
-             threads: int | None, address: str | None, clock: "_Clock") -> _Assembler:
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
-
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
-    ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order = True  # results come back in chunk (= pool) order
-    ctx.enable_progress_bars = False
-    try:
-        items = [{"shard": c.shard, "start": c.start, "stop": c.stop} for c in chunks]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            FeatureWorker, batch_size=1, batch_format="pyarrow",
-            fn_constructor_kwargs={"pool_root": str(store.root.resolve()), "embedder_dir": str(embedder_dir),
-                                   "threads": threads},
-            compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus or None)
-        asm: _Assembler | None = None
-        with Progress("features", total=rows_todo, unit="rows") as prog:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    vecs = np.frombuffer(row["vectors"], dtype=np.float32).reshape(len(row["ids"]), -1)
-                    if asm is None:
-                        asm = _Assembler(store, out, dim or vecs.shape[1], marker)
-                    asm.add(row["shard"], row["start"], row["ids"], vecs)
-                    prog.advance(len(row["ids"]))
-                    clock.tick(len(row["ids"]))
-        logger.info("features: %d rows on %d Ray actors (%s CPU, %s GPU each)", rows_todo, num_actors,
-                    num_cpus, num_gpus)
-        assert asm is not None
-        return asm
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-        if owns:
-            ray.shutdown()
 
 
 def prepare_embedder(store: PoolStore, cfg: EmbedConfig, path: str | Path) -> Path:
@@ -369,25 +278,9 @@ def run_feature_stage(store: PoolStore, cfg: EmbedConfig, out_dir: str | Path, *
     cfg = cfg.with_default_model(model_path)
     out = Path(out_dir)
     emb_dir = prepare_embedder(store, cfg, out / "embedder")
-    gpus = cfg.gpus_per_actor
-    owns = False
-    try:
-        if cfg.backend == "ray" and gpus is None:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
-                owns = True
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        feats = compute_features(store, emb_dir, out / "features", backend=cfg.backend,
-                                 num_actors=cfg.num_actors or num_actors,
-                                 num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=gpus or 0.0,
-                                 batch_size=cfg.batch_size, address=address)
-    finally:
-        if owns:
-            import ray
-
-            ray.shutdown()
+    feats = compute_features(store, emb_dir, out / "features", backend=cfg.backend,
+                             num_actors=cfg.num_actors or num_actors, num_cpus_per_actor=num_cpus_per_actor,
+                             num_gpus_per_actor=cfg.gpus_per_actor, batch_size=cfg.batch_size, address=address)
     return maybe_whiten(feats, cfg.whiten, out / "whitened", seed=cfg.seed)
 
 

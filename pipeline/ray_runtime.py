@@ -1,4 +1,5 @@
-"""Scoring on a pool of workers: Ray actors (one per GPU, or N CPU actors) or in-process.
+"""The one executor: chunks of texts on a pool of workers, Ray actors (one per GPU, or N CPU
+actors) or in-process; scoring and feature extraction both run on it.
 
 The backend is an adapter, not mixed into the compute: a worker is built from a picklable
 ``factory()`` that returns any object with ``score(texts) -> np.ndarray`` (a fitted scorer
@@ -45,17 +46,13 @@ import os
 import signal
 import socket
 import threading
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from quadsel.core.errors import RayConnectError, WorkerPoolError
 
 logger = logging.getLogger(__name__)
-
-
-class ScoreFn(Protocol):
-    def score(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 LOCAL = "local"
@@ -300,18 +297,26 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class ScoreWorker:
-    """What runs inside each actor (or in-process): builds the scorer once, scores chunks."""
+class Worker:
+    """What runs inside each actor (or in-process): builds its object once from ``factory``, then
+    calls ``method`` on chunks of texts. The result has one row per text: a score per text for a
+    scorer (``method="score"``, float64), a vector per text for an embedder (``"transform"``)."""
 
-    def __init__(self, factory: Callable[[], ScoreFn], threads: int | None = None) -> None:
+    def __init__(self, factory: Callable[[], Any], threads: int | None = None, method: str = "score") -> None:
         _set_threads(threads)
-        self.scorer = factory()
+        self.obj = factory()
+        self.method = method
         self.pid = os.getpid()
 
-    def score(self, chunk_id: int, texts: list[str]) -> tuple[int, np.ndarray]:
-        out = np.asarray(self.scorer.score(texts), dtype=np.float64)
-        if out.shape != (len(texts),):
-            raise WorkerPoolError(f"scorer returned shape {out.shape} for {len(texts)} texts")
+    def run(self, chunk_id: int, texts: list[str]) -> tuple[int, np.ndarray]:
+        out = np.asarray(getattr(self.obj, self.method)(texts))
+        if self.method == "score":
+            out = out.astype(np.float64, copy=False)
+            if out.shape != (len(texts),):
+                raise WorkerPoolError(f"scorer returned shape {out.shape} for {len(texts)} texts")
+        elif out.ndim == 0 or out.shape[0] != len(texts):
+            raise WorkerPoolError(f"{type(self.obj).__name__}.{self.method} returned shape {out.shape} for "
+                                  f"{len(texts)} texts")
         return chunk_id, out
 
     def info(self) -> dict[str, Any]:
@@ -326,33 +331,59 @@ class ScoreWorker:
         return {"pid": self.pid, "node": os.uname().nodename, "node_id": node_id}
 
 
-class LocalPool:
-    """In-process scoring with the same chunking as the Ray pool (identical results)."""
+class _Output:
+    """The rows of a map, filled chunk by chunk; shaped by the first chunk back."""
 
-    def __init__(self, factory: Callable[[], ScoreFn], *, chunk_size: int = 32, threads: int | None = None):
-        self.worker = ScoreWorker(factory, threads)
+    def __init__(self, n: int, method: str) -> None:
+        self.n, self.method, self.arr = n, method, None
+
+    def put(self, a: int, b: int, rows: np.ndarray) -> None:
+        if self.arr is None:
+            self.arr = np.empty((self.n, *rows.shape[1:]), dtype=rows.dtype)
+        self.arr[a:b] = rows
+
+    def result(self) -> np.ndarray:
+        if self.arr is None:
+            return np.empty((0,), dtype=np.float64 if self.method == "score" else np.float32)
+        return self.arr
+
+
+class LocalPool:
+    """In-process, with the same chunking as the Ray pool (identical results)."""
+
+    def __init__(self, factory: Callable[[], Any], *, chunk_size: int = 32, threads: int | None = None,
+                 method: str = "score"):
+        self.worker = Worker(factory, threads, method)
+        self.method = method
         self.chunk_size = chunk_size
         self.chunks_scored = 0
 
-    def score(self, texts: Sequence[str]) -> np.ndarray:
+    def map(self, texts: Sequence[str], on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
+        """One output row per text, in order (``on_chunk(rows)`` after each chunk)."""
         texts = list(texts)
-        out = np.empty(len(texts), dtype=np.float64)
+        out = _Output(len(texts), self.method)
         for cid, (a, b) in enumerate(_chunks(len(texts), self.chunk_size)):
-            out[a:b] = self.worker.score(cid, texts[a:b])[1]
+            out.put(a, b, self.worker.run(cid, texts[a:b])[1])
             self.chunks_scored += 1
-        return out
+            if on_chunk is not None:
+                on_chunk(b - a)
+        return out.result()
+
+    score = map
 
     def shutdown(self) -> None:
         pass
 
 
 class RayPool:
-    """Score chunks of texts on Ray actors, retrying chunks whose actor died."""
+    """Chunks of texts on Ray actors (scored, or embedded: ``method``), retrying chunks whose actor
+    died. The stage declares what each actor needs (``num_cpus``, ``num_gpus``)."""
 
     def __init__(
         self,
-        factory: Callable[[], ScoreFn],
+        factory: Callable[[], Any],
         *,
+        method: str = "score",
         num_actors: int | None = None,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
@@ -364,10 +395,13 @@ class RayPool:
         start_timeout: float = 600.0,
         address: str | None = None,
         init_kwargs: dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> None:
         import ray
 
         self._ray = ray
+        self.method = method
+        self.role = "scoring" if method == "score" else "feature"
         if not ray.is_initialized():
             # explicit address > $RAY_ADDRESS (ray job submit) > a fresh local instance, never
             # whatever cluster happens to run on this machine
@@ -385,7 +419,7 @@ class RayPool:
         if why:  # an actor that fits on no node would be waited for (start_timeout) in silence
             if self._owns_ray:
                 shutdown()
-            raise WorkerPoolError(f"each scoring actor needs {num_cpus:g} CPU / {num_gpus:g} GPU but {why}: "
+            raise WorkerPoolError(f"each {self.role} actor needs {num_cpus:g} CPU / {num_gpus:g} GPU but {why}: "
                                   "no actor could ever be placed")
         self.num_actors = num_actors
         self.chunk_size = chunk_size
@@ -395,8 +429,8 @@ class RayPool:
         self._factory = factory
         self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                              max_task_retries=max_task_retries)
-        self._threads = max(1, int(num_cpus)) if not num_gpus else None
-        self._remote_cls = ray.remote(ScoreWorker)
+        self._threads = threads or (max(1, int(num_cpus)) if not num_gpus else None)
+        self._remote_cls = ray.remote(Worker)
         self.start_timeout = start_timeout
         self.max_replacements = max_replacements if max_replacements is not None else 2 * num_actors
         self._last_error = ""
@@ -405,11 +439,11 @@ class RayPool:
         self._probing: dict[Any, int] = {}  # info() ref -> actor index, for actors not known to be up
         for i in range(num_actors):
             self._probe(i)
-        logger.info("ray: %d scoring actors (%s CPU, %s GPU each) on %s", num_actors, num_cpus, num_gpus,
+        logger.info("ray: %d %s actors (%s CPU, %s GPU each) on %s", num_actors, self.role, num_cpus, num_gpus,
                     address or "the connected cluster")
 
     def _new_actor(self):
-        return self._remote_cls.options(**self._options).remote(self._factory, self._threads)
+        return self._remote_cls.options(**self._options).remote(self._factory, self._threads, self.method)
 
     def actor_info(self) -> list[dict[str, Any]]:
         return self._ray.get([a.info.options(max_task_retries=-1).remote() for a in self.actors])
@@ -423,8 +457,8 @@ class RayPool:
     def _replace(self, idx: int, why: str) -> None:
         """Actor ``idx`` is gone for good: start a new one, unless too many were replaced."""
         if self.replacements >= self.max_replacements:
-            logger.warning("scoring actor %d is gone (%s); not replaced (%d replacements already), "
-                           "going on with the others", idx, why, self.replacements)
+            logger.warning("%s actor %d is gone (%s); not replaced (%d replacements already), "
+                           "going on with the others", self.role, idx, why, self.replacements)
             self._last_error = why
             return
         try:
@@ -433,7 +467,7 @@ class RayPool:
             pass
         self.actors[idx] = self._new_actor()
         self.replacements += 1
-        logger.warning("replaced scoring actor %d (%s)", idx, why)
+        logger.warning("replaced %s actor %d (%s)", self.role, idx, why)
         self._probe(idx)
 
     def _settle_probe(self, ref) -> None:
@@ -446,14 +480,15 @@ class RayPool:
             self._ready[idx] = False
             self._replace(idx, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Scores of ``texts`` in order. Chunks go only to actors that are up: an actor being
-        restarted, or one that cannot be scheduled any more (its node is gone and no other node
-        has room for it), simply gets nothing while the others go on."""
+    def map(self, texts: Sequence[str], on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
+        """One output row per text, in order (``on_chunk(rows)`` as each chunk comes back). Chunks
+        go only to actors that are up: an actor being restarted, or one that cannot be scheduled
+        any more (its node is gone and no other node has room for it), simply gets nothing while
+        the others go on."""
         ray = self._ray
         texts = list(texts)
         spans = _chunks(len(texts), self.chunk_size)
-        out = np.empty(len(texts), dtype=np.float64)
+        out = _Output(len(texts), self.method)
         pending = list(range(len(spans)))[::-1]  # pop() takes the lowest chunk id first
         attempts = [0] * len(spans)
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (chunk id, actor index)
@@ -471,7 +506,7 @@ class RayPool:
                 cid = pending.pop()
                 a, b = spans[cid]
                 attempts[cid] += 1
-                ref = self.actors[idx].score.remote(cid, texts[a:b])
+                ref = self.actors[idx].run.remote(cid, texts[a:b])
                 inflight[ref] = (cid, idx)
                 busy[idx] += 1
 
@@ -479,11 +514,11 @@ class RayPool:
         while pending or inflight:
             if not inflight:  # nothing running: wait for an actor to come up (bounded)
                 if not self._probing:
-                    raise WorkerPoolError(f"no scoring actor is left ({self._last_error or 'all failed'})")
+                    raise WorkerPoolError(f"no {self.role} actor is left ({self._last_error or 'all failed'})")
                 done, _ = ray.wait(list(self._probing), num_returns=1, timeout=self.start_timeout)
                 if not done:
                     raise WorkerPoolError(
-                        f"no scoring actor came up within {self.start_timeout:.0f}s ({len(self._probing)} "
+                        f"no {self.role} actor came up within {self.start_timeout:.0f}s ({len(self._probing)} "
                         f"waiting; each needs {self._options['num_cpus']} CPU / {self._options['num_gpus']} "
                         f"GPU; cluster resources {ray.cluster_resources()})")
             else:
@@ -496,21 +531,25 @@ class RayPool:
             cid, idx = inflight.pop(ref)
             busy[idx] -= 1
             try:
-                got_id, scores = ray.get(ref)
+                got_id, rows = ray.get(ref)
                 a, b = spans[got_id]
-                out[a:b] = scores
+                out.put(a, b, rows)
+                if on_chunk is not None:
+                    on_chunk(b - a)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ObjectLostError) as e:
                 if attempts[cid] >= self.max_chunk_attempts:
                     raise WorkerPoolError(f"chunk {cid} failed {attempts[cid]} times; last error: {e}") from e
-                logger.warning("scoring actor %d failed (%s); retrying chunk %d", idx, type(e).__name__, cid)
+                logger.warning("%s actor %d failed (%s); retrying chunk %d", self.role, idx, type(e).__name__, cid)
                 self.retried_chunks += 1
                 pending.append(cid)
                 if isinstance(e, ray.exceptions.RayActorError) and self._ready[idx]:
                     self._ready[idx] = False  # until it answers again (restarted) or is replaced
                     self._probe(idx)
             submit()
-        return out
+        return out.result()
+
+    score = map
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -13,7 +13,6 @@ from quadsel.pipeline.feature_stage import (
     DONE_SUFFIX,
     compute_features,
     embedder_fingerprint,
-    plan_chunks,
     prepare_embedder,
     run_feature_stage,
 )
@@ -104,15 +103,6 @@ def test_same_vectors_as_the_embedder_on_all_texts(pool, embedder_dir, local_run
     assert got.ids() == pool.ids()
     want = np.concatenate([embedder.transform(t) for t in pool.iter_texts(BATCH)])
     assert np.array_equal(got.vectors(), want)  # bit for bit: chunks are the batches
-
-
-def test_chunk_plan_depends_on_shards_and_batch_size_only(pool):
-    chunks = plan_chunks(pool, [0, 1, 2], 128)
-    assert [(c.shard, c.start, c.stop) for c in chunks[:4]] == [(0, 0, 128), (0, 128, 256), (0, 256, 300),
-                                                              (1, 0, 128)]
-    assert sum(c.stop - c.start for c in chunks) == N
-    with pytest.raises(ValueError, match="batch_size"):
-        plan_chunks(pool, [0], 0)
 
 
 def test_local_resume_recomputes_only_the_missing_shard(pool, embedder_dir, local_run, tmp_path):
