@@ -9,8 +9,8 @@ import functools
 import logging
 import os
 import re
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from quadsel.pipeline.embed import sample_rows
 from quadsel.pipeline.stage import Stage
 from quadsel.pipeline.store import PoolStore
 
-from .stages import JobError, RunContext
+from .stages import JobError, RunContext, cached_stage
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -58,22 +58,18 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
     key = stable_hash({"v": 1, "up": ctx.keys["sources"], "proxy": p.model_dump(mode="json", exclude={"checkpoints"}),
                        "max_length": mcfg.max_length, "seed": ctx.cfg.seed,
                        **({"checkpoints": n_ckpt} if n_ckpt else {})})
-    ctx.keys["model"] = key
-    stage = Stage(ctx.run_dir, "proxy", key)
-    t0 = time.monotonic()
-    if stage.is_done():
-        logger.info("proxy model: reusing cached model")
-    else:
+
+    def build(tmp: Path) -> dict[str, Any]:
         rows = sample_rows(len(pool), p.train_sample, ctx.cfg.seed + 1)
-        with stage.building() as tmp:
-            build_proxy_model(pool.texts(rows), tmp / "model", seed=ctx.cfg.seed, vocab_size=p.vocab_size,
-                              hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                              max_length=mcfg.max_length,
-                              train_length=min(p.train_length, mcfg.max_length), steps=p.steps,
-                              batch_size=p.batch_size, lr=p.lr, save_checkpoints=n_ckpt)
-            faults.point("proxy.trained")
-            stage.commit(tmp, {"train_rows": len(rows)})
-    ctx.timed("proxy", t0)
+        build_proxy_model(pool.texts(rows), tmp / "model", seed=ctx.cfg.seed, vocab_size=p.vocab_size,
+                          hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
+                          max_length=mcfg.max_length,
+                          train_length=min(p.train_length, mcfg.max_length), steps=p.steps,
+                          batch_size=p.batch_size, lr=p.lr, save_checkpoints=n_ckpt)
+        faults.point("proxy.trained")
+        return {"train_rows": len(rows)}
+
+    stage = cached_stage(ctx, "proxy", key, build, key_as="model", timing="proxy", reused="cached model")
     return str(stage.path / "model")
 
 
@@ -92,18 +88,19 @@ def token_lengths(ctx: RunContext, pool: PoolStore, model_dir: str) -> np.ndarra
     """Tokens per pool row under the scoring model's tokenizer (for token budgets)."""
     key = stable_hash({"v": 1, "up": ctx.keys["sources"], "model": ctx.keys["model"],
                        "max_length": ctx.cfg.model.max_length})
-    stage = Stage(ctx.run_dir, "tokens", key)
-    if not stage.is_done():
+
+    def build(tmp: Path) -> dict[str, Any]:
         im = _load_model(ctx, model_dir)
-        with stage.building() as tmp:
-            parts = []
-            with Progress("count tokens", total=len(pool), unit="rows") as prog:
-                for texts in pool.iter_texts(4096):
-                    parts.append(im.count_tokens(texts))
-                    prog.advance(len(texts))
-            lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-            np.save(tmp / "lengths.npy", lengths)
-            stage.commit(tmp, {"tokens": int(lengths.sum())})
+        parts = []
+        with Progress("count tokens", total=len(pool), unit="rows") as prog:
+            for texts in pool.iter_texts(4096):
+                parts.append(im.count_tokens(texts))
+                prog.advance(len(texts))
+        lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        np.save(tmp / "lengths.npy", lengths)
+        return {"tokens": int(lengths.sum())}
+
+    stage = cached_stage(ctx, "tokens", key, build, reused="cached token counts")
     return np.load(stage.path / "lengths.npy")
 
 
@@ -167,18 +164,14 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_di
                            "fit_ref": ctx.keys.get("reference") if s.fit_on == "reference" else None})
     split = cls.reference_free_fit
     key = stable_hash({"v": 2, "fit": fit_key, "ref": ctx.keys.get("reference"), "split": split})
-    ctx.keys["scorer"] = key
-    stage = Stage(ctx.run_dir, "scorer", key)
-    t0 = time.monotonic()
-    if stage.is_done():
-        logger.info("scorer: reusing fitted %s scorer", s.name)
-    else:
+
+    def build(tmp: Path) -> dict[str, Any]:
         if split:
-            fitted = _fitted_curvature(ctx, fit_key, pool, ref, model_dir)
+            curvature = _fitted_curvature(ctx, fit_key, pool, ref, model_dir)
             from quadsel.influence import load_scorer
 
-            sc = load_scorer(fitted, model=_load_model(ctx, model_dir))
-            fit_rows = Stage(ctx.run_dir, "curvature", fit_key).info().get("fit_rows")
+            sc = load_scorer(curvature.path / "fitted", model=_load_model(ctx, model_dir))
+            fit_rows = curvature.info().get("fit_rows")
         else:
             sc, fit_rows = _new_fitted_scorer(ctx, pool, ref, model_dir)
         ref_texts = ref.texts(np.arange(len(ref))) if ref is not None else []
@@ -186,11 +179,12 @@ def fit_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, model_di
         report = getattr(sc, "report", None)
         if report:
             logger.info("scorer %s: %s", s.name, report)
-        with stage.building() as tmp:
-            sc.save(tmp / "scorer")
-            stage.commit(tmp, {"scorer": s.name, "fit_rows": fit_rows, "reference_rows": len(ref_texts),
-                               **({"report": report} if report else {})})
-    ctx.timed("fit_scorer", t0)
+        sc.save(tmp / "scorer")
+        return {"scorer": s.name, "fit_rows": fit_rows, "reference_rows": len(ref_texts),
+                **({"report": report} if report else {})}
+
+    stage = cached_stage(ctx, "scorer", key, build, key_as="scorer", timing="fit_scorer",
+                         reused=f"fitted {s.name} scorer")
     return stage.path / "scorer"
 
 
@@ -210,18 +204,16 @@ def _new_fitted_scorer(ctx: RunContext, pool: PoolStore, ref: PoolStore | None, 
 
 
 def _fitted_curvature(ctx: RunContext, fit_key: str, pool: PoolStore, ref: PoolStore | None,
-                      model_dir: str) -> Path:
+                      model_dir: str) -> Stage:
     """The ``curvature`` stage: the scorer fitted on its sample, before any reference is set."""
-    stage = Stage(ctx.run_dir, "curvature", fit_key)
-    if stage.is_done():
-        logger.info("scorer: reusing the fitted %s curvature (it does not depend on the reference)",
-                    ctx.cfg.scorer.name)
-    else:
+
+    def build(tmp: Path) -> dict[str, Any]:
         sc, fit_rows = _new_fitted_scorer(ctx, pool, ref, model_dir)
-        with stage.building() as tmp:
-            sc.save(tmp / "fitted")
-            stage.commit(tmp, {"scorer": sc.name, "fit_rows": fit_rows})
-    return stage.path / "fitted"
+        sc.save(tmp / "fitted")
+        return {"scorer": sc.name, "fit_rows": fit_rows}
+
+    return cached_stage(ctx, "curvature", fit_key, build,
+                        reused=f"the fitted {ctx.cfg.scorer.name} curvature (it does not depend on the reference)")
 
 
 def load_scorer_factory(ctx_or_cfg, scorer_dir: Path):

@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +101,28 @@ class RunContext:
         self.timings[name] = round(time.monotonic() - t0, 3)
 
 
+def cached_stage(ctx: RunContext, name: str, key: str, build: Callable[[Path], dict[str, Any] | None], *,
+                 reused: str | Callable[[Stage], str], key_as: str | None = None,
+                 timing: str | None = None) -> Stage:
+    """Every cached stage of a run: ``stages/<name>`` under ``key``. Done (same key, files intact):
+    reused, logged as ``<name>: reusing <reused>``; else ``build(tmp)`` writes the stage into a fresh
+    folder and returns its marker's info, and the folder is committed in place. ``key_as``: the
+    name the key is recorded under in ``ctx.keys`` (what later stages key on); ``timing``: the
+    name its seconds are recorded under in ``ctx.timings``."""
+    if key_as:
+        ctx.keys[key_as] = key
+    stage = Stage(ctx.run_dir, name, key)
+    t0 = time.monotonic()
+    if stage.is_done():
+        logger.info("%s: reusing %s", name, reused(stage) if callable(reused) else reused)
+    else:
+        with stage.building() as tmp:
+            stage.commit(tmp, build(tmp))
+    if timing:
+        ctx.timed(timing, t0)
+    return stage
+
+
 def _fingerprint(src: SourceConfig, run_dir: Path) -> list[list[Any]]:
     """Path, size, mtime, inode and ctime of each input file: a file rewritten in place (even
     with its size and mtime put back) changes its ctime, so the sources stage is read again."""
@@ -113,26 +135,23 @@ def _fingerprint(src: SourceConfig, run_dir: Path) -> list[list[Any]]:
 
 def _read_source(ctx: RunContext, name: str, src: SourceConfig) -> PoolStore:
     key = stable_hash({"v": 2, "source": src.model_dump(mode="json"), "files": _fingerprint(src, ctx.run_dir)})
-    ctx.keys[name] = key
-    stage = Stage(ctx.run_dir, name, key)
-    t0 = time.monotonic()
-    if stage.is_done():
-        logger.info("%s: reusing cached stage (%s rows)", name, stage.info().get("rows"))
-    else:
-        with stage.building() as tmp:
-            with RejectLog(tmp / "rejects.jsonl") as rejects:
-                store = PoolStore.write(iter_batches(src, rejects, exclude=[ctx.run_dir]), tmp / "store",
-                                        label="read pool" if name == "sources" else f"read {name}")
-                summary = rejects.summary()
-            if len(store) == 0:
-                why = (f"{rejects.total} rejected: {rejects.counts}; see the rejects listed above"
-                       if rejects.total else "the input has no rows")
-                raise JobError(f"{name}: no valid rows in {src.path!r} ({why})")
-            if rejects.total:
-                logger.warning("%s: %d rows rejected %s", name, rejects.total, rejects.counts)
-            stage.commit(tmp, {"rows": len(store), "rejects": summary})
+
+    def build(tmp: Path) -> dict[str, Any]:
+        with RejectLog(tmp / "rejects.jsonl") as rejects:
+            store = PoolStore.write(iter_batches(src, rejects, exclude=[ctx.run_dir]), tmp / "store",
+                                    label="read pool" if name == "sources" else f"read {name}")
+            summary = rejects.summary()
+        if len(store) == 0:
+            why = (f"{rejects.total} rejected: {rejects.counts}; see the rejects listed above"
+                   if rejects.total else "the input has no rows")
+            raise JobError(f"{name}: no valid rows in {src.path!r} ({why})")
+        if rejects.total:
+            logger.warning("%s: %d rows rejected %s", name, rejects.total, rejects.counts)
+        return {"rows": len(store), "rejects": summary}
+
+    stage = cached_stage(ctx, name, key, build, key_as=name, timing=name,
+                         reused=lambda st: f"cached stage ({st.info().get('rows')} rows)")
     ctx.inputs[name] = stage.info().get("rejects", {}).get("files", [])
-    ctx.timed(name, t0)
     return PoolStore.open(stage.path / "store")
 
 
@@ -225,46 +244,38 @@ def embed_pool(ctx: RunContext, store: PoolStore, model_dir: str | None = None) 
     model_key = ctx.keys.get("model") if cfg.kind in MODEL_EMBEDDERS and cfg.model is None else None
     key = stable_hash({"v": 1, "up": ctx.keys["sources"], "embed": cfg.model_dump(mode="json"),
                        "model": model_key})
-    ctx.keys["embed"] = key
-    stage = Stage(ctx.run_dir, "embed", key)
-    t0 = time.monotonic()
-    if stage.is_done():
-        logger.info("embed: reusing cached embeddings")
-    else:
-        work = ctx.layout.stage(f"embed.work-{stage.key}")
+    work = ctx.layout.stage(f"embed.work-{key}")
+
+    def build(tmp: Path) -> dict[str, Any]:
         r = ctx.cfg.ray
         emb = run_feature_stage(store, cfg, work, model_path=model_dir, num_actors=r.num_actors,
                                 num_cpus_per_actor=r.num_cpus_per_actor, address=r.address)
-        with stage.building() as tmp:
-            shutil.move(str(work / "embedder"), str(tmp / "embedder"))
-            shutil.move(str(emb.root), str(tmp / "vectors"))
-            if (work / "whitened" / "whitener").is_dir():
-                shutil.move(str(work / "whitened" / "whitener"), str(tmp / "whitener"))
-            stage.commit(tmp, {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind, "backend": cfg.backend,
-                               "whitened": cfg.whiten.enabled})
-        shutil.rmtree(work, ignore_errors=True)
-    ctx.timed("embed", t0)
+        shutil.move(str(work / "embedder"), str(tmp / "embedder"))
+        shutil.move(str(emb.root), str(tmp / "vectors"))
+        if (work / "whitened" / "whitener").is_dir():
+            shutil.move(str(work / "whitened" / "whitener"), str(tmp / "whitener"))
+        return {"rows": len(emb), "dim": emb.dim, "kind": cfg.kind, "backend": cfg.backend,
+                "whitened": cfg.whiten.enabled}
+
+    stage = cached_stage(ctx, "embed", key, build, key_as="embed", timing="embed", reused="cached embeddings")
+    shutil.rmtree(work, ignore_errors=True)  # what the commit did not take (or a stale one)
     return EmbeddingStore.open(stage.path / "vectors")
 
 
 def cluster_pool(ctx: RunContext, emb: EmbeddingStore) -> ClusterResult:
     cfg = ctx.cfg.cluster
     key = stable_hash({"v": 1, "up": ctx.keys["embed"], "cluster": cfg.model_dump(mode="json")})
-    ctx.keys["cluster"] = key
-    stage = Stage(ctx.run_dir, "cluster", key)
-    t0 = time.monotonic()
-    if stage.is_done():
-        logger.info("cluster: reusing cached clustering")
-    else:
+
+    def build(tmp: Path) -> dict[str, Any]:
         if cfg.k > len(emb):
             raise JobError(f"cluster.k = {cfg.k} is larger than the pool ({len(emb)} valid rows); "
                            f"set cluster.k to at most {len(emb)}")
-        with stage.building() as tmp:
-            result = cluster_store(emb, cfg)
-            faults.point("cluster.trained")
-            result.save(tmp / "result")
-            stage.commit(tmp, {"k": cfg.k, "backend": result.backend, "n_train": result.n_train})
-    ctx.timed("cluster", t0)
+        result = cluster_store(emb, cfg)
+        faults.point("cluster.trained")
+        result.save(tmp / "result")
+        return {"k": cfg.k, "backend": result.backend, "n_train": result.n_train}
+
+    stage = cached_stage(ctx, "cluster", key, build, key_as="cluster", timing="cluster", reused="cached clustering")
     return ClusterResult.load(stage.path / "result")
 
 
