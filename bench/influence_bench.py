@@ -451,8 +451,9 @@ and wall). Timed on the same model and texts:
   ``aggregate_query_gradients=True``; same modules, damping (0.1 × mean Λ), empirical Fisher, fp32.
 
 Peak memory: each method once more in its own subprocess (``--mem-child``): after the setup
-(model, texts, and the fit the method needs) the peak RSS is reset (``/proc/self/clear_refs``
-= 5) and the reported number is ``VmHWM`` after the method minus ``VmRSS`` before it.
+(model, texts, and the fit the method needs) freed heap is returned to the OS (``malloc_trim``),
+the peak RSS is reset (``/proc/self/clear_refs`` = 5) and the reported number is ``VmHWM`` after
+the method minus ``VmRSS`` before it.
 """
 
 
@@ -609,6 +610,12 @@ def mem_child(args) -> int:
     st = floor_setup(args, cfg, [args.mem_child])
     fn = st["fns"][args.mem_child]
     gc.collect()
+    try:  # hand the setup's freed heap back to the OS, so that reusing it counts as new memory
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     rss0 = _vm()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")
     fn()
@@ -677,7 +684,13 @@ def write_floor_report(args, res) -> None:
     cpu = {k: v[1] for k, v in b.items()}
     wall = {k: v[0] for k, v in b.items()}
     header = f"### Scoring at the floor (`{res['spec']}`, issue 17)\n"
-    cmd = " ".join(["python -m bench.influence_bench"] + [a for a in sys.argv[1:] if not a.startswith("--out")])
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the command, without --out (where the report goes)
+        if skip or a.startswith("--out"):
+            skip = a == "--out"
+            continue
+        argv.append(a)
+    cmd = " ".join(["python -m bench.influence_bench"] + argv)
     lines = [header, f"Command: `{cmd}`  ",
              f"Machine: {MACHINE}; torch {torch.__version__}, {res['threads']} thread(s).  ",
              f"Model: llama-style from config (`{cfg['name']}`: hidden {cfg['hidden']}, {cfg['layers']} layers, "
