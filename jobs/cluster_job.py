@@ -13,6 +13,7 @@ from quadsel.core.progress import run_log
 from quadsel.pipeline.lock import RunLock
 
 from .config import JobConfig
+from .layout import RunLayout
 from .stages import (
     MODEL_EMBEDDERS,
     JobError,
@@ -37,9 +38,9 @@ def neighbour_gamma(cfg: JobConfig) -> float:
 
 def run_cluster(cfg: JobConfig) -> dict[str, Any]:
     with RunLock(cfg.run_dir):
-        logs = Path(cfg.run_dir) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with run_log(str(logs / "cluster.jsonl")):
+        layout = RunLayout(Path(cfg.run_dir))
+        layout.logs.mkdir(parents=True, exist_ok=True)
+        with run_log(str(layout.cluster_log)):
             return _run_cluster(cfg)
 
 

@@ -8,7 +8,7 @@
     RUN/summary.json             the run's summary (its run_key says which config finished)
     RUN/timings.json             seconds per stage
     RUN/rejects.jsonl            every rejected input row, all sources merged
-    RUN/logs/run.jsonl           the run's log, one JSON object per line
+    RUN/logs/run.jsonl           the run's log, one JSON object per line (cluster.jsonl: quadsel cluster)
     RUN/clusters/                summary.parquet, assignments.parquet, top_terms.json,
                                  cluster_job.json (quadsel cluster)
     RUN/bandit/                  state.json (per-round checkpoint), history.json, probes.parquet,
@@ -58,6 +58,10 @@ class RunLayout:
     @property
     def run_log(self) -> Path:
         return self.logs / "run.jsonl"
+
+    @property
+    def cluster_log(self) -> Path:
+        return self.logs / "cluster.jsonl"
 
     @property
     def report(self) -> Path:

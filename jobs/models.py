@@ -69,7 +69,8 @@ def prepare_model(ctx: RunContext, pool: PoolStore) -> str:
         faults.point("proxy.trained")
         return {"train_rows": len(rows)}
 
-    stage = cached_stage(ctx, "proxy", key, build, key_as="model", timing="proxy", reused="cached model")
+    stage = cached_stage(ctx, "proxy", key, build, key_as="model", timing="proxy", reused="cached model",
+                         label="proxy model")
     return str(stage.path / "model")
 
 
@@ -212,7 +213,7 @@ def _fitted_curvature(ctx: RunContext, fit_key: str, pool: PoolStore, ref: PoolS
         sc.save(tmp / "fitted")
         return {"scorer": sc.name, "fit_rows": fit_rows}
 
-    return cached_stage(ctx, "curvature", fit_key, build,
+    return cached_stage(ctx, "curvature", fit_key, build, label="scorer",
                         reused=f"the fitted {ctx.cfg.scorer.name} curvature (it does not depend on the reference)")
 
 

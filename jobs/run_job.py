@@ -26,6 +26,7 @@ from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, veri
 from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import BudgetConfig, JobConfig, SelectionConfig
+from .layout import RunLayout
 from .models import fit_scorer, load_scorer_factory, prepare_model, token_lengths
 from .stages import (
     MODEL_EMBEDDERS,
@@ -159,16 +160,15 @@ def _write_selection(ctx: RunContext, pool: PoolStore, result, config_hash: str,
 
 
 def _write_bandit_tables(ctx: RunContext, result, probes: dict[str, np.ndarray]) -> None:
-    bdir = ctx.run_dir / "bandit"
     sel = pa.table({"row": pa.array(np.asarray(result.rows, np.int64)),
                     "cluster": pa.array(np.asarray(result.cluster, np.int32)),
                     "score": pa.array(np.asarray(result.score, np.float64)),
                     "round": pa.array(np.asarray(result.round, np.int32)),
                     "fill": pa.array(np.asarray(result.fill, bool))})
-    with atomic_path(bdir / "selected.parquet") as tmp:
+    with atomic_path(ctx.layout.selected) as tmp:
         pq.write_table(sel, tmp)
     pr = pa.table({k: pa.array(v) for k, v in probes.items()})
-    with atomic_path(bdir / "probes.parquet") as tmp:
+    with atomic_path(ctx.layout.probes) as tmp:
         pq.write_table(pr, tmp)
 
 
@@ -254,9 +254,13 @@ class SelectionRun:
         return self._step("model", build)
 
     def clusters(self) -> ClusterResult:
-        """Embed and cluster the pool (``clusters/assignments.parquet`` written)."""
+        """Embed and cluster the pool (``clusters/assignments.parquet`` written). Only a model-based
+        embedder without a model of its own waits for the model: otherwise the pool is embedded
+        first, so a pool the embedder cannot embed fails before any model is trained."""
         def build() -> ClusterResult:
-            pool, model_dir = self.pool(), self.model_dir()
+            e = self.cfg.embed
+            pool = self.pool()
+            model_dir = self.model_dir() if e.kind in MODEL_EMBEDDERS and e.model is None else None
             clusters = cluster_pool(self.ctx, embed_pool(self.ctx, pool, model_dir))
             write_assignments(self.ctx, pool, clusters)
             return clusters
@@ -341,8 +345,9 @@ def run_selection(cfg: JobConfig, *, stop_after_round: int | None = None) -> dic
     raise_if(config_problems(cfg, "run"))  # before the run directory is even created
     run_dir = Path(cfg.run_dir)
     with RunLock(run_dir):
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with run_log(str(run_dir / "logs" / "run.jsonl")):
+        layout = RunLayout(run_dir)
+        layout.logs.mkdir(parents=True, exist_ok=True)
+        with run_log(str(layout.run_log)):
             return _run_locked(cfg, stop_after_round)
 
 
@@ -368,22 +373,22 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
                            "seed": cfg.seed, "output": cfg.output.model_dump(mode="json")})
     # what the manifest records: the job config (run_dir aside), so the same job gives the same bytes
     config_hash = stable_hash(cfg.model_dump(mode="json", exclude={"run_dir"}))
-    manifest_path = ctx.run_dir / "manifest.json"
+    manifest_path = ctx.layout.manifest
     recover(ctx.run_dir)  # finish or roll back a shard commit that a kill interrupted
     if manifest_path.is_file():
         try:
             verify(ctx.run_dir)
-            done = ctx.run_dir / "summary.json"
+            done = ctx.layout.summary
             if (done.is_file() and read_json(done).get("run_key") == run_key
                     and cluster_summary_matches(ctx, clusters)):
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
                 ctx.discard_pending()  # config.resolved.yaml keeps the config the selection was made with
-                return read_json(ctx.run_dir / "summary.json")
+                return read_json(ctx.layout.summary)
         except Exception:  # noqa: BLE001 - an invalid or outdated manifest is simply rewritten
             pass
 
     selector = run.selector()
-    state_path = ctx.run_dir / "bandit" / "state.json"
+    state_path = ctx.layout.bandit_state
     saved = read_selector_state(state_path, run_key)  # None: absent, another config's, or damaged
     if saved is not None:
         try:
@@ -421,7 +426,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     faults.point("select.done")
 
     _write_bandit_tables(ctx, result, selector.probe_log())
-    atomic_write_json(ctx.run_dir / "bandit" / "history.json", selector.history())
+    atomic_write_json(ctx.layout.bandit_history, selector.history())
     stats = selector.cluster_stats()
     base = cluster_table(pool, clusters, quad.gamma)
     extra_cols = {k: [st.get(k) for st in stats]
@@ -465,8 +470,8 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     ctx.timings["total"] = round(time.monotonic() - t_start, 3)
     summary["timings_s"] = ctx.timings
     summary["run_key"] = run_key
-    atomic_write_json(ctx.run_dir / "summary.json", summary)
-    atomic_write_json(ctx.run_dir / "timings.json", ctx.timings)
+    atomic_write_json(ctx.layout.summary, summary)
+    atomic_write_json(ctx.layout.timings, ctx.timings)
     return summary
 
 

@@ -103,18 +103,19 @@ class RunContext:
 
 def cached_stage(ctx: RunContext, name: str, key: str, build: Callable[[Path], dict[str, Any] | None], *,
                  reused: str | Callable[[Stage], str], key_as: str | None = None,
-                 timing: str | None = None) -> Stage:
-    """Every cached stage of a run: ``stages/<name>`` under ``key``. Done (same key, files intact):
-    reused, logged as ``<name>: reusing <reused>``; else ``build(tmp)`` writes the stage into a fresh
-    folder and returns its marker's info, and the folder is committed in place. ``key_as``: the
-    name the key is recorded under in ``ctx.keys`` (what later stages key on); ``timing``: the
-    name its seconds are recorded under in ``ctx.timings``."""
+                 timing: str | None = None, label: str | None = None) -> Stage:
+    """Every cached stage of a run: ``stages/<name>`` under ``key``. Done (same key, files
+    intact): reused, logged as ``<label>: reusing <reused>`` (label: the stage's name unless
+    given); else ``build(tmp)`` writes the stage into a fresh folder and returns its marker's
+    info, and the folder is committed in place. ``key_as``: the name the key is recorded under in
+    ``ctx.keys`` (what later stages key on); ``timing``: the name its seconds are recorded under
+    in ``ctx.timings``."""
     if key_as:
         ctx.keys[key_as] = key
     stage = Stage(ctx.run_dir, name, key)
     t0 = time.monotonic()
     if stage.is_done():
-        logger.info("%s: reusing %s", name, reused(stage) if callable(reused) else reused)
+        logger.info("%s: reusing %s", label or name, reused(stage) if callable(reused) else reused)
     else:
         with stage.building() as tmp:
             stage.commit(tmp, build(tmp))

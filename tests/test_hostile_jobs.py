@@ -207,3 +207,10 @@ def test_a_pool_with_too_few_tfidf_features_is_one_line_exit_2(tmp_path, capsys,
             "distinct tf-idf feature(s)" in err and "same word or symbol repeated" in err, err
         assert not (tmp_path / "run" / "stages" / "embed").exists()
         assert not (tmp_path / "run" / "stages" / "cluster").exists()
+    # a selection that needs a model: the pool is embedded first, so no proxy is trained for nothing
+    cfg["selection"] = {"method": "quad", "budget": {"amount": 10}}
+    cfg["scorer"] = {"name": "vog"}  # needs no reference
+    rc = main(["run", str(_write(tmp_path / "quad.yaml", cfg)), *Q])
+    err = capsys.readouterr().err
+    assert rc == 2 and "distinct tf-idf feature(s)" in err, err
+    assert not (tmp_path / "run" / "stages" / "proxy").exists()
