@@ -68,3 +68,25 @@ def test_a_job_runs_in_pretty_mode(tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "run.jsonl").read_text().splitlines()]
     assert not [r for r in log if r["msg"].startswith("ekfac scores: done")]  # no INFO line per chunk
     assert progress_mod._Display.rich is None
+
+
+def test_a_callback_gets_every_step_of_a_library_call_and_nothing_is_drawn(tmp_path, capsys, caplog):
+    """Library code (here the embed path) reports to the caller's callback, nested steps with depth."""
+    from quadsel.core.progress import Progress, progress_callback
+    from quadsel.pipeline.embed import EmbedConfig
+    from quadsel.pipeline.feature_stage import embed_texts
+
+    events = []
+    texts = [f"text number {i} about {'rivers' if i % 2 else 'kernels'} and more words" for i in range(60)]
+    with caplog.at_level(logging.DEBUG, logger="quadsel"):
+        with progress_callback(events.append), Progress("outer", total=1, unit="jobs") as outer:
+            embed_texts(texts, EmbedConfig(dim=4, batch_size=16), tmp_path / "e")
+            outer.advance(1)
+    assert [(e.kind, e.desc, e.depth) for e in events if e.desc == "outer"] == [
+        ("start", "outer", 0), ("advance", "outer", 0), ("done", "outer", 0)]
+    feats = [e for e in events if e.desc == "features"]
+    assert feats[0].kind == "start" and feats[-1].kind == "done" and feats[-1].count == 60
+    assert [e.count for e in feats if e.kind == "advance"] == [16, 32, 48, 60]  # one per chunk
+    assert all(e.depth == 1 for e in feats) and feats[0].total == 60
+    assert not capsys.readouterr().err  # nothing drawn
+    assert not [r for r in caplog.records if r.name == "quadsel.core.progress"]  # nor logged

@@ -3,18 +3,24 @@
 One place decides how progress is shown:
 - ``pretty``: rich progress bars with rate and ETA (a terminal),
 - ``log``: a log line every few seconds with count, rate and ETA (files, CI, Ray clusters),
-- ``quiet``: nothing but warnings.
+- ``quiet``: nothing but warnings,
+- a callback of the caller's (:func:`progress_callback`): every step, in any library call, is
+  reported to it as :class:`ProgressEvent` and nothing is drawn (a notebook, a UI, a driver that
+  forwards progress elsewhere).
+
+Library code reports through :class:`Progress` wherever it runs; it never draws by itself.
 
 Logging can emit JSON lines (``configure_logging(json_lines=True)``) for log collectors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, TypeVar
+from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 Mode = Literal["auto", "pretty", "log", "quiet"]
@@ -22,10 +28,35 @@ Mode = Literal["auto", "pretty", "log", "quiet"]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One report of a step: ``kind`` is "start", "advance" or "done"; ``depth`` 0 for a job's
+    stage, 1+ for a library step inside it."""
+
+    kind: Literal["start", "advance", "done"]
+    desc: str
+    count: int
+    total: int | None
+    unit: str
+    depth: int
+
+
 @dataclass
 class _Settings:
     mode: Mode = "auto"
     interval_s: float = 5.0
+    callback: Callable[[ProgressEvent], None] | None = None
+
+
+@contextlib.contextmanager
+def progress_callback(fn: Callable[[ProgressEvent], None]) -> Iterator[None]:
+    """Within: every Progress (any library call: embedding, scoring, fitting …) reports to ``fn``
+    instead of drawing or logging."""
+    old, _settings.callback = _settings.callback, fn
+    try:
+        yield
+    finally:
+        _settings.callback = old
 
 
 _settings = _Settings()  # process-wide display preference, set once by the CLI
@@ -181,11 +212,20 @@ class Progress:
         self._task = None
         self._nested = False
         self._owner = False
+        self._depth = 0
+        self._callback = _settings.callback
+
+    def _emit(self, kind: Literal["start", "advance", "done"]) -> None:
+        assert self._callback is not None
+        self._callback(ProgressEvent(kind, self.desc, self.count, self.total, self.unit, self._depth))
 
     def __enter__(self) -> "Progress":
         self._nested = _Display.depth > 0
+        self._depth = _Display.depth
         _Display.depth += 1
-        if self._mode == "pretty":
+        if self._callback is not None:
+            self._emit("start")
+        elif self._mode == "pretty":
             if _Display.rich is None:
                 _Display.rich = _new_rich_display()
                 _Display.rich.start()
@@ -201,7 +241,9 @@ class Progress:
     def advance(self, n: int = 1) -> None:
         self.count += n
         now = time.monotonic()
-        if self._rich is not None:
+        if self._callback is not None:
+            self._emit("advance")
+        elif self._rich is not None:
             self._rich.update(self._task, advance=n, rate=f"{self.rate():,.0f} {self.unit}/s")
         elif self._mode == "log" and now - self._last >= _settings.interval_s:
             self._last = now
@@ -224,7 +266,9 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         _Display.depth = max(0, _Display.depth - 1)
-        if self._rich is not None:
+        if self._callback is not None:
+            self._emit("done")
+        elif self._rich is not None:
             if self._owner:
                 self._rich.stop()
                 _Display.rich = None
