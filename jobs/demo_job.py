@@ -58,11 +58,16 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
             f"from {summary['clusters_taken']} of {summary['clusters']} clusters; "
             f"scored {summary['scorer_calls']:,} rows ({summary['scored_share']:.1%} of the pool) "
             f"in {summary['rounds']} rounds")
-    if "noise_share" in summary:
-        ns = summary["noise_share"]
-        c.print(f"noise (spam, garbage, duplicates): {ns['pool']:.1%} of the pool -> "
-                f"{ns['selection']:.1%} of the selection")
-        mix = summary["domain_mix"]
+    from quadsel.pipeline.demo import noise_share
+
+    from .report_data import domain_mix
+
+    mix = domain_mix(run_dir)
+    if mix is not None:
+        ns = noise_share(mix)
+        if ns is not None:
+            c.print(f"noise (spam, garbage, duplicates): {ns['pool']:.1%} of the pool -> "
+                    f"{ns['selection']:.1%} of the selection")
         parts = [f"{d} {mix['selection'].get(d, 0) / max(1, summary['selected']):.0%}"
                  f" (pool {n / summary['pool_rows']:.0%})" for d, n in mix["pool"].items()]
         c.print("selection by domain: " + ", ".join(parts))

@@ -19,6 +19,7 @@ import numpy as np
 from quadsel.core.atomic import atomic_write_text
 from quadsel.core.errors import ReportError
 from quadsel.core.progress import Progress
+from quadsel.pipeline.demo import NOISE_DOMAINS, noise_share
 
 from . import report_plots as plots
 from .layout import RunLayout
@@ -222,15 +223,15 @@ def _budget(data: RunData, _terms) -> str:
 
 
 def _domains(data: RunData, _terms) -> str:
-    mix = (data.summary or {}).get("domain_mix")
+    mix = data.domain_mix
     if not mix:
         return _missing("no domain mix: the pool has no `domain` field (or the run did not select)")
-    noise = (data.summary or {}).get("noise_share") or {}
     out = ('<p class="note">Measured with the pool\'s <code>domain</code> field, which the selector '
            "never reads: this shows what the selection contains, not how it was chosen.</p>")
     out += _img(plots.domain_mix(mix.get("pool", {}), mix.get("selection", {})), "domain mix")
+    noise = noise_share(mix)
     if noise:
-        out += (f"<p>noise share (spam, garbage, duplicates): pool {_num(noise.get('pool'), '.1%')}, "
+        out += (f"<p>noise share ({', '.join(NOISE_DOMAINS)}): pool {_num(noise.get('pool'), '.1%')}, "
                 f"selection {_num(noise.get('selection'), '.1%')}</p>")
     p, s = mix.get("pool", {}), mix.get("selection", {})
     rows = [[_e(d), _num(p.get(d, 0)), _num(s.get(d, 0))] for d in sorted(set(p) | set(s))]

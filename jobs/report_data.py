@@ -82,6 +82,7 @@ class RunData:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     centroids: np.ndarray | None = None
     cluster_job: dict[str, Any] | None = None
+    domain_mix: dict[str, dict[str, int]] | None = None
 
     @property
     def k(self) -> int:
@@ -109,6 +110,35 @@ def summary_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
         raise InspectError(f"{path}: cannot read it ({e})") from None
+
+
+def _count_domains(pool: PoolStore, rows: np.ndarray | None) -> dict[str, int] | None:
+    """Counts of the pool's ``domain`` meta field over ``rows`` (all rows: None); None when a row
+    has no such field. Batch by batch: memory stays flat whatever the pool size."""
+    batches = ([pool.take(rows, columns=["meta"]).column("meta")] if rows is not None else
+               (b.column("meta") for b in pool.iter_batches(8192, columns=["meta"])))
+    counts: dict[str, int] = {}
+    for col in batches:
+        for m in col.to_pylist():
+            d = json.loads(m).get("domain") if m else None
+            if d is None:
+                return None
+            counts[str(d)] = counts.get(str(d), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def domain_mix(run_dir: str | Path) -> dict[str, dict[str, int]] | None:
+    """``{"pool": counts, "selection": counts}`` of the pool's ``domain`` field (a labelled pool
+    such as the demo's or the benchmark's), or None (no such field, or nothing selected yet).
+    Measurement only: no selector reads the field."""
+    layout = RunLayout(run_dir)
+    if not layout.selected.is_file() or not (layout.pool_store / "index.json").is_file():
+        return None
+    rows = pq.read_table(layout.selected, columns=["row"]).column("row").to_numpy()
+    with PoolStore.open(layout.pool_store) as pool:
+        mix_pool = _count_domains(pool, None)
+        mix_sel = _count_domains(pool, np.sort(rows)) if mix_pool is not None else None
+    return None if mix_sel is None else {"pool": mix_pool, "selection": mix_sel}
 
 
 def _json_or_none(path: Path) -> Any:
@@ -174,6 +204,7 @@ def load_run(run_dir: str | Path) -> RunData:
     data.probes = _parquet_or_none(layout.probes)
     data.selected = _parquet_or_none(layout.selected)
     data.rejects = read_rejects(layout.rejects)
+    data.domain_mix = domain_mix(run_dir)
     stages = layout.stages
     if stages.is_dir():
         for d in sorted(p for p in stages.iterdir() if (p / DONE).is_file()):

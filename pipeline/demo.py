@@ -98,6 +98,17 @@ _PRODUCTS = ["watches", "pills", "sunglasses", "crypto tokens", "loans", "handba
 _HOOKS = ["LIMITED OFFER", "ACT NOW", "WINNER", "FREE GIFT", "LAST CHANCE", "EXCLUSIVE DEAL"]
 
 
+NOISE_DOMAINS = ("spam", "garbage", "duplicate")  # the demo's (and the benchmark pool's) noise
+
+
+def noise_share(mix: dict[str, dict[str, int]]) -> dict[str, float] | None:
+    """Share of noise-domain rows in the pool and in the selection of a domain mix
+    (``jobs.report_data.domain_mix``); None when no noise domain occurs."""
+    if not any(d in NOISE_DOMAINS for d in mix.get("pool", {})):
+        return None
+    return {side: round(sum(c.get(d, 0) for d in NOISE_DOMAINS) / max(1, sum(c.values())), 4)
+            for side, c in mix.items()}
+
 def _spam(rng: random.Random) -> str:
     lines = []
     for _ in range(rng.randint(2, 6)):

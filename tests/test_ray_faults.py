@@ -52,6 +52,7 @@ def cluster():
 def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_path, monkeypatch,
                                                                    quadsel_log):
     import quadsel.jobs.run_job as run_job
+    import quadsel.jobs.selection_run as selection_run
 
     c, workers = cluster
     assert ray.cluster_resources().get("CPU") == 2
@@ -66,7 +67,7 @@ def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_
 
     faulty = tmp_path / "faulty"
     shutil.copytree(tmp_path / "reference" / "stages", faulty / "stages")  # the same cached stages
-    real = run_job._score_rows_fn
+    real = selection_run._score_rows_fn
     lost: list[int] = []
 
     def lose_a_node(pool) -> None:
@@ -90,7 +91,7 @@ def test_losing_a_worker_node_mid_scoring_gives_the_same_selection(cluster, tmp_
             return inner(rows)
         return score_rows
 
-    monkeypatch.setattr(run_job, "_score_rows_fn", score_rows_fn)
+    monkeypatch.setattr(selection_run, "_score_rows_fn", score_rows_fn)
     again = run_job.run_selection(JobConfig.model_validate(dict(cfg, run_dir=str(faulty))))
     assert lost, "the node was never removed"
     verify(faulty)
@@ -152,7 +153,7 @@ def test_a_signal_stops_the_run_and_every_process_of_its_ray(tmp_path, sig):
         lines = []
         for line in p.stderr:  # until the first probe was scored on the actors
             lines.append(line)
-            if "quadsel.jobs.run_job: scored" in line:
+            if "quadsel.jobs.selection_run: scored" in line:
                 break
         assert p.poll() is None, "".join(lines)[-3000:]
         ray_procs = _descendants(p.pid)

@@ -216,7 +216,7 @@ def test_the_run_object_steps_reuse_the_job_and_take_an_injected_score_function(
     (here the job's own row scorer, counted) gives the job's selection; ``selection`` / ``seed``
     override the job's for one selector."""
     from quadsel.jobs.config import SelectionConfig
-    from quadsel.jobs.run_job import SelectionRun
+    from quadsel.jobs.selection_run import SelectionRun
 
     run_dir, summary = finished
     copy = tmp_path / "copy"

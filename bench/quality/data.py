@@ -2,7 +2,7 @@
 and its token counts per seed, and the targets' reference sets.
 
 Everything is built by the job itself: :func:`job_config` states the benchmark's settings as a
-``quadsel run`` job config and ``jobs.run_job.SelectionRun`` runs its steps (pool, clusters,
+``quadsel run`` job config and ``jobs.selection_run.SelectionRun`` runs its steps (pool, clusters,
 proxy model, token counts; the scorer in :mod:`.scoring`), cached in one run folder per pool
 and proxy seed under the benchmark's cache folder. ``eval.jsonl`` is NOT read here: only
 :mod:`bench.quality.train` reads it, for the final evaluation.
@@ -29,7 +29,7 @@ from .config import QualityConfig, base_target
 
 if TYPE_CHECKING:
     from quadsel.jobs.config import JobConfig
-    from quadsel.jobs.run_job import SelectionRun
+    from quadsel.jobs.selection_run import SelectionRun
 
 logger = logging.getLogger("quadsel.bench.quality")
 
@@ -138,7 +138,7 @@ def job_config(cfg: QualityConfig, pool: Path, exclude_domain: str | None, seed:
 
 def seed_run(cfg: QualityConfig, pool: PoolData, seed: int) -> SelectionRun:
     """The job's run of ``pool`` with the proxy of ``seed`` (one per pool and proxy seed)."""
-    from quadsel.jobs.run_job import SelectionRun
+    from quadsel.jobs.selection_run import SelectionRun
 
     seed = proxy_seed(cfg, seed)
     if seed not in pool.runs:
@@ -150,7 +150,7 @@ def prepare_pool(cfg: QualityConfig, exclude_domain: str | None = None) -> PoolD
     """Read, embed and cluster the pool with ``quadsel run``'s own steps (a leave-domain-out pool
     in its own run folder, with the same embedding and k). The job's order is pool, model,
     embedding: the first seed's proxy is trained here."""
-    from quadsel.jobs.run_job import SelectionRun
+    from quadsel.jobs.selection_run import SelectionRun
 
     path = pool_file(cfg, exclude_domain)
     seed = proxy_seed(cfg, cfg.seeds[0])

@@ -27,10 +27,10 @@ logger = logging.getLogger("quadsel.bench.quality")
 def fitted_row_scorer(cfg: QualityConfig, pool: PoolData, model: SeedModel, name: str, target: str,
                       stack: contextlib.ExitStack) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
     """The job's scorer step for ``scorer.name: <name>`` and ``target``'s reference on this pool
-    and proxy (``jobs.run_job.SelectionRun``: curvature on the job's seeded pool sample, the
+    and proxy (``jobs.selection_run.SelectionRun``: curvature on the job's seeded pool sample, the
     reference collapsed to one vector per layer, scores of pool rows checked and rounded as
     ``quadsel run`` does). Returns (score_rows, seconds to fit and load it)."""
-    from quadsel.jobs.run_job import SelectionRun
+    from quadsel.jobs.selection_run import SelectionRun
 
     t0 = time.monotonic()
     run = SelectionRun(job_config(cfg, pool.path, pool.excluded_domain, model.seed, target=target, scorer=name))

@@ -1,7 +1,7 @@
 """Run one method's selector on the pool and describe what it took.
 
 Selectors are built and driven by the job's own selector step
-(``jobs.run_job.SelectionRun.select``: the ``ClusterView`` of the tf-idf clusters, the token
+(``jobs.selection_run.SelectionRun.select``: the ``ClusterView`` of the tf-idf clusters, the token
 budget and ``QuadConfig.scaled`` for quad), with each method's ``selection`` settings and seed,
 the scores coming from the benchmark's score cache. Domain labels are looked up only AFTER a
 selection is final, to measure it.

@@ -28,7 +28,7 @@ POINTS = {
     "cluster.trained": "quadsel.jobs.stages: k-means done, result not yet saved",
     "proxy.trained": "quadsel.jobs.models: proxy model trained and saved, stage not committed",
     "scorer.fitted": "quadsel.jobs.models: curvature fitted, reference not yet set",
-    "score.call": "quadsel.jobs.run_job: a probe scored, before the bandit sees the scores",
+    "score.call": "quadsel.jobs.selection_run: a probe scored, before the bandit sees the scores",
     "round.before_save": "quadsel.jobs.run_job: a bandit round done, state.json not yet written",
     "round.saved": "quadsel.jobs.run_job: state.json written for a round",
     "select.done": "quadsel.jobs.run_job: selection finished, nothing else written",
