@@ -6,6 +6,8 @@
     RUN/manifest.json            the published selection (quadsel.pipeline.shards)
     RUN/selection/               its shards; RUN/README.md its dataset card
     RUN/summary.json             the run's summary (its run_key says which config finished)
+    RUN/_DONE.json               the selection's completion marker (pipeline.stage.write_marker:
+                                 the run key, checksums of manifest.json and summary.json)
     RUN/timings.json             seconds per stage
     RUN/rejects.jsonl            every rejected input row, all sources merged
     RUN/logs/run.jsonl           the run's log, one JSON object per line (cluster.jsonl: quadsel cluster)
@@ -21,14 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quadsel.pipeline.stage import DONE
+
 
 @dataclass(frozen=True)
 class RunLayout:
-    root: Path
+    root: Path  # a str is taken too
 
-    @classmethod
-    def of(cls, run_dir: str | Path) -> "RunLayout":
-        return cls(Path(run_dir))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     # -- top level: what describes the selection
     @property
@@ -38,6 +41,10 @@ class RunLayout:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def done(self) -> Path:
+        return self.root / DONE
 
     @property
     def summary(self) -> Path:

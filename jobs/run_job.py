@@ -21,6 +21,7 @@ from quadsel.core.atomic import atomic_path, atomic_write_json, read_json, stabl
 from quadsel.core.progress import Progress, run_log
 from quadsel.pipeline.lock import RunLock
 from quadsel.pipeline.shards import ShardWriter, recover, selection_schema, verify, write_order
+from quadsel.pipeline.stage import read_marker, write_marker
 from quadsel.pipeline.store import PoolStore, expand_meta
 
 from .config import JobConfig
@@ -121,8 +122,7 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     if manifest_path.is_file():
         try:
             verify(ctx.run_dir)
-            done = ctx.layout.summary
-            if (done.is_file() and read_json(done).get("run_key") == run_key
+            if (read_marker(ctx.layout.done, run_key, root=ctx.run_dir, what="the selection") is not None
                     and cluster_summary_matches(ctx, clusters)):
                 logger.info("run already complete: %s (delete it to run again)", manifest_path)
                 ctx.discard_pending()  # config.resolved.yaml keeps the config the selection was made with
@@ -209,6 +209,9 @@ def _run_locked(cfg: JobConfig, stop_after_round: int | None) -> dict[str, Any]:
     summary["run_key"] = run_key
     atomic_write_json(ctx.layout.summary, summary)
     atomic_write_json(ctx.layout.timings, ctx.timings)
+    # the selection's completion marker, like every stage's: its key and the files it covers
+    write_marker(ctx.layout.done, run_key, root=ctx.run_dir,
+                 files=[ctx.layout.manifest.name, ctx.layout.summary.name], info={"selected": summary["selected"]})
     return summary
 
 

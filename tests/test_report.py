@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import tempfile
@@ -158,3 +159,17 @@ def test_rejects_summary_counts_reasons_files_and_examples(tmp_path):
     assert [e["line"] for e in rj["examples"]["malformed_json"]] == [0, 1]
     assert rj["unreadable_lines"] == 1
     assert read_rejects(tmp_path / "none.jsonl")["present"] is False
+
+
+def test_domain_mix_of_a_labelled_pool_for_the_report_and_the_demo(runs):
+    """The demo's noise figures come from the run directory (the production job computes none)."""
+    from quadsel.jobs.report_data import domain_mix
+    from quadsel.pipeline.demo import noise_share
+
+    mix = domain_mix(str(runs["quad"]))  # a str run dir, as the demo passes it
+    assert mix is not None and set(mix) == {"pool", "selection"}
+    assert sum(mix["selection"].values()) == json.loads((runs["quad"] / "summary.json").read_text())["selected"]
+    assert "noise_share" not in json.loads((runs["quad"] / "summary.json").read_text())
+    share = noise_share(mix)
+    assert share is None or 0 <= share["selection"] <= 1
+    assert domain_mix(runs["cluster"]) is None  # nothing selected
