@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 Mode = Literal["auto", "pretty", "log", "quiet"]
@@ -168,7 +168,7 @@ class _Display:
     (which rich refuses with LiveError) or piling finished bars up on the screen.
     """
 
-    rich = None
+    rich: Any = None  # a rich.progress.Progress while a display is live
     depth = 0
 
 
@@ -208,7 +208,7 @@ class Progress:
         self._mode = _resolved_mode()
         self._t0 = time.monotonic()
         self._last = self._t0
-        self._rich = None
+        self._rich: Any = None
         self._task = None
         self._nested = False
         self._owner = False
