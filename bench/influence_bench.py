@@ -338,16 +338,21 @@ def accuracy(args) -> int:
     return 0
 
 
-def write_report(args, cfg, res, info) -> None:
-    tps = {k: v["tokens"] / v["seconds"] for k, v in res.items() if "seconds" in v}
-    lines = []
+def _command_line() -> str:
+    """The command as run, without --out (where the report goes)."""
     argv, skip = [], False
-    for a in sys.argv[1:]:  # the command, without --out (where the report goes)
+    for a in sys.argv[1:]:
         if skip or a.startswith("--out"):
             skip = a == "--out"
             continue
         argv.append(a)
-    cmd = " ".join(["python -m bench.influence_bench"] + argv)
+    return " ".join(["python -m bench.influence_bench"] + argv)
+
+
+def write_report(args, cfg, res, info) -> None:
+    tps = {k: v["tokens"] / v["seconds"] for k, v in res.items() if "seconds" in v}
+    lines = []
+    cmd = _command_line()
     lines.append(section_header(args, cfg, info))
     lines.append(f"Command: `{cmd}`  ")
     dev = MACHINE if info["device"] == "cpu" else info["device"]
@@ -684,13 +689,7 @@ def write_floor_report(args, res) -> None:
     cpu = {k: v[1] for k, v in b.items()}
     wall = {k: v[0] for k, v in b.items()}
     header = f"### Scoring at the floor (`{res['spec']}`, issue 17)\n"
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # the command, without --out (where the report goes)
-        if skip or a.startswith("--out"):
-            skip = a == "--out"
-            continue
-        argv.append(a)
-    cmd = " ".join(["python -m bench.influence_bench"] + argv)
+    cmd = _command_line()
     lines = [header, f"Command: `{cmd}`  ",
              f"Machine: {MACHINE}; torch {torch.__version__}, {res['threads']} thread(s).  ",
              f"Model: llama-style from config (`{cfg['name']}`: hidden {cfg['hidden']}, {cfg['layers']} layers, "
