@@ -483,12 +483,23 @@ def test_disk_full_leaves_previous_state_valid(tmp_path, monkeypatch, where):
         assert not leftovers(run)
 
     if where == "every-rename":
-        for k in range(1, _count_fs_ops(tmp_path) + 1):
+        n = _count_fs_ops(tmp_path)
+        for k in range(1, n + 1):
             with filesystem_ops(k, _enospc, ops=RENAMES):
-                with pytest.raises(OSError) as info:
+                if k < n:
+                    with pytest.raises(OSError) as info:
+                        _rewrite(run, new_table)
+                else:  # the last rename is the dataset card's, after the commit: derived data
                     _rewrite(run, new_table)
-            assert info.value.errno == errno.ENOSPC
-            check_unchanged()
+            if k < n:
+                assert info.value.errno == errno.ENOSPC
+                check_unchanged()
+        # the new selection is live; its card still names the previous one until recover() (run
+        # by every writer and every quadsel command on the run dir) writes it again
+        verify(run)
+        assert shards.card_generation(read_manifest(run)) not in (run / "README.md").read_text()
+        recover(run)
+        assert shards.card_generation(read_manifest(run)) in (run / "README.md").read_text()
     else:
         if where == "shard-write":
             real, written = shards._HashingSink.write, [0]
@@ -593,19 +604,39 @@ def test_load_dataset_on_the_run_dir_is_the_selection(tmp_path, fmt):
     assert list(datasets.load_dataset(str(run), split="train", streaming=True)) == table.to_pylist()
 
 
+def test_load_dataset_never_reads_another_selection_from_its_cache(tmp_path):
+    """datasets caches by folder name and config: runs/a/run and runs/b/run, and a run dir after
+    a new selection, each read back as themselves through one cache."""
+    cache = str(tmp_path / "cache")
+    first, second = make_table(30, tag="a"), make_table(40, offset=100, tag="b")
+    write_selection(tmp_path / "a" / "run", first, ShardConfig(max_rows=20))
+    write_selection(tmp_path / "b" / "run", second, ShardConfig(max_rows=20))
+    assert datasets.load_dataset(str(tmp_path / "a" / "run"), split="train", cache_dir=cache).to_list() \
+        == first.to_pylist()
+    assert datasets.load_dataset(str(tmp_path / "b" / "run"), split="train", cache_dir=cache).to_list() \
+        == second.to_pylist()
+    third = make_table(10, offset=500, tag="c")
+    write_selection(tmp_path / "a" / "run", third, ShardConfig(max_rows=20))
+    assert datasets.load_dataset(str(tmp_path / "a" / "run"), split="train", cache_dir=cache).to_list() \
+        == third.to_pylist()
+
+
 def test_dataset_card_follows_the_format_and_is_repaired(tmp_path):
     run = tmp_path / "run"
     write_selection(run, make_table(50), ShardConfig(max_rows=20))
     card = run / "README.md"
-    assert card.read_text() == shards.dataset_card("arrow")
+    def card_for(fmt):  # named after the published selection's content
+        return shards.dataset_card(fmt, "selection", shards.card_generation(read_manifest(run)))
+
+    assert card.read_text() == card_for("arrow")
     write_selection(run, make_table(50), ShardConfig(format="parquet", max_rows=20))
-    assert card.read_text() == shards.dataset_card("parquet")
+    assert card.read_text() == card_for("parquet")
     card.unlink()  # killed between publishing the manifest and writing the card
     (run / ".tmp-README.md.xyz").write_text("half")  # or while writing it
     assert recover(run) == "ok"  # the manifest was fine; the card is derived data
-    assert card.read_text() == shards.dataset_card("parquet") and not leftovers(run)
+    assert card.read_text() == card_for("parquet") and not leftovers(run)
     # another manifest name in the same run dir leaves the card alone
     with ShardWriter(run, ShardConfig(), schema=SCHEMA, seed=0, config_hash="x", subdir="other",
                      manifest_name="other.json") as w:
         w.write(make_table(5))
-    assert card.read_text() == shards.dataset_card("parquet")
+    assert card.read_text() == card_for("parquet")

@@ -54,17 +54,19 @@ killed at any point leaves one of these states, each mapped back to a valid one:
   ``.tmp-manifest.json.*``, ``.tmp-README.md.*``) are deleted.
 - a dataset card that is missing or stale (another format) is rewritten.
 
-The dataset card depends only on the format and the shard folder (its ``data_files`` is the glob
-``selection/part-*.<ext>``, which matches exactly the shards of the live generation), so it is
-written once and changes only with ``output.format``; it is replaced (atomically) right after the
-manifest is published. It is derived data: a failure to write it is logged, not raised, and the
-next writer (or ``recover``) writes it.
+The dataset card's ``data_files`` is the glob ``selection/part-*.<ext>``, which matches exactly
+the shards of the live generation; its config is named after the generation's content
+(``selection-<digest of the shard checksums>``), because ``datasets`` caches a folder's table and
+features by name and config rather than path: two run directories of the same name, or one after
+a new selection, must not be read from each other's cache. It is replaced (atomically) right
+after the manifest is published. It is derived data: a failure to write it is logged, not
+raised, and the next writer (or ``recover``) writes it.
 
 Readers (``read_manifest``, ``verify``, ``data_files``) never modify a run directory.
 """
 from quadsel.core.errors import ManifestError
 
-from .manifest import data_files, dataset_card, read_manifest, verify
+from .manifest import card_generation, data_files, dataset_card, read_manifest, verify
 from .repair import recover
 from .schema import (
     CARD_NAME,
@@ -80,6 +82,6 @@ from .writer import ShardWriter, _HashingSink
 
 __all__ = [
     "CARD_NAME", "MANIFEST_VERSION", "QUADSEL_COLUMNS", "ManifestError", "SchemaMismatchError", "ShardConfig",
-    "ShardWriter", "_HashingSink", "conform", "data_files", "dataset_card", "read_manifest", "recover",
-    "selection_schema", "verify", "write_order",
+    "ShardWriter", "_HashingSink", "card_generation", "conform", "data_files", "dataset_card", "read_manifest",
+    "recover", "selection_schema", "verify", "write_order",
 ]

@@ -1,6 +1,7 @@
 """Reading a published selection (never modifies a run directory) and its dataset card."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -126,13 +127,26 @@ def _ok(mpath: Path, root: Path | None = None, *, full: bool = True) -> bool:
 
 # ---------------------------------------------------------------- the dataset card
 
-def dataset_card(fmt: str, subdir: str = "selection") -> str:
+def card_generation(manifest: dict) -> str:
+    """What names the selection in its dataset card: a digest of its shards' checksums."""
+    digest = hashlib.sha256("\n".join(str(s.get("sha256")) for s in manifest.get("shards", [])).encode())
+    return digest.hexdigest()[:12]
+
+
+def dataset_card(fmt: str, subdir: str = "selection", generation: str = "default") -> str:
     """``RUN/README.md``: a Hugging Face dataset card whose ``configs:`` make
-    ``datasets.load_dataset(RUN, split="train")`` read exactly the selection's shards."""
+    ``datasets.load_dataset(RUN, split="train")`` read exactly the selection's shards.
+
+    The config is named after the selection's content (``generation``, see
+    :func:`card_generation`): ``datasets`` caches a folder's table and features under its name and
+    config, not its path, so two run directories of the same name (``runs/a/run``,
+    ``runs/b/run``), or one run directory after a new selection, would otherwise be read from
+    the cache of the other."""
     pattern = f"{subdir}/part-*.{_EXT[fmt]}"
+    name = generation if generation == "default" else f"selection-{generation}"
     return f"""---
 configs:
-- config_name: default
+- config_name: {name}
   data_files:
   - split: train
     path: {pattern}
@@ -155,9 +169,9 @@ dataset.
 """
 
 
-def _write_card(run: Path, subdir: str, fmt: str) -> bool:
-    """Write ``RUN/README.md`` for ``fmt`` unless it is already there; never raises."""
-    path, text = run / CARD_NAME, dataset_card(fmt, subdir)
+def _write_card(run: Path, subdir: str, manifest: dict) -> bool:
+    """Write ``RUN/README.md`` for the published ``manifest`` unless it is already there; never raises."""
+    path, text = run / CARD_NAME, dataset_card(manifest["format"], subdir, card_generation(manifest))
     try:
         if path.is_file() and path.read_text(encoding="utf-8") == text:
             return False

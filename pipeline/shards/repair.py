@@ -73,7 +73,7 @@ def _recover_locked(run: Path, subdir: str, manifest_name: str) -> str:
             stale.unlink()
     if manifest_name == "manifest.json" and mpath.is_file():
         with contextlib.suppress(ManifestError, OSError, ValueError, KeyError):
-            _write_card(run, subdir, _load(mpath)["format"])
+            _write_card(run, subdir, _load(mpath))
     if actions:
         logger.warning("repaired %s after an interrupted write: %s", run, "; ".join(actions))
     return "; ".join(actions) or "ok"

@@ -289,7 +289,7 @@ class ShardWriter:
             self._rollback(done, live, old, mpath, withdrawn)
             raise
         if self.manifest_name == "manifest.json":       # the dataset card, if it changed
-            _write_card(run, self.subdir, self.cfg.format)
+            _write_card(run, self.subdir, manifest)
         shutil.rmtree(old, ignore_errors=True)          # step 6
         with contextlib.suppress(OSError):
             withdrawn.unlink()
