@@ -122,11 +122,11 @@ def test_kill_at_seeded_points_in_every_stage_then_resume(reference, tmp_path):
     pool_batches = -(-878 // OVERRIDES["pool.batch_size"])
     embed_batches = -(-878 // OVERRIDES["embed.batch_size"])
     # (point, hit count): loop points get a seeded hit inside their range
-    plan = [
+    plan = [  # in the job's stage order (a tf-idf pool is embedded and clustered before the proxy)
         ("store.batch", rng.randint(2, pool_batches)),        # sources, mid-read
-        ("proxy.trained", 1),                                 # proxy trained, stage not committed
         ("embed.batch", rng.randint(2, embed_batches)),       # embed, mid-stage
         ("cluster.trained", 1),                               # k-means done, nothing saved
+        ("proxy.trained", 1),                                 # proxy trained, stage not committed
         ("scorer.fitted", 1),                                 # curvature fitted, reference not set
     ]
     killed = []
