@@ -101,13 +101,13 @@ class Features:
 
 
 def _write_shard(store: PoolStore, out: Path, shard: int, ids: list[str], vecs: np.ndarray,
-                 marker: dict[str, Any]) -> None:
-    """A finished feature shard, then its completion marker."""
+                 marker: dict[str, Any]) -> dict[str, Any]:
+    """A finished feature shard, then its completion marker; returns the marker's info."""
     name = shard_name(store, shard)
     write_vector_shard(out / name, ids, vecs)
-    zero = int(np.count_nonzero(~vecs.any(axis=1)))
-    write_marker(_marker_path(out, name), _shard_key(store, shard, marker), files=[name],
-                 info={"file": name, "rows": len(ids), "zero_rows": zero})
+    info = {"file": name, "rows": len(ids), "zero_rows": int(np.count_nonzero(~vecs.any(axis=1)))}
+    write_marker(_marker_path(out, name), _shard_key(store, shard, marker), files=[name], info=info)
+    return info
 
 
 def shard_name(store: PoolStore, shard: int) -> str:
@@ -175,7 +175,8 @@ def compute_features(
     meta = read_json(embedder_dir / META) if (embedder_dir / META).is_file() else {}
     marker = {"embedder": embedder_fingerprint(embedder_dir), "batch_size": int(batch_size)}
     n_shards = len(store.index["shards"])
-    todo = [s for s in range(n_shards) if _done_info(store, out, s, marker) is None]
+    done = {s: _done_info(store, out, s, marker) for s in range(n_shards)}  # None: to compute
+    todo = [s for s, info in done.items() if info is None]
     skipped = n_shards - len(todo)
     if skipped:
         logger.info("features: %d of %d shards already done (markers match); computing %d",
@@ -201,11 +202,8 @@ def compute_features(
                 off, rows = int(store.index["shards"][s]["offset"]), int(store.index["shards"][s]["rows"])
                 table = store.take(np.arange(off, off + rows), ["id", "text"])
                 vecs = pool.map(table.column("text").to_pylist(), on_chunk=chunk_done)
-                _write_shard(store, out, s, table.column("id").to_pylist(), vecs, marker)
-            if backend == "ray":
-                logger.info("features: %d rows on %d Ray actors (%s CPU, %s GPU each)", rows_todo,
-                            pool.num_actors, num_cpus_per_actor, pool._options["num_gpus"])
-    result = _finish(store, out, meta, marker)
+                done[s] = _write_shard(store, out, s, table.column("id").to_pylist(), vecs, marker)
+    result = _finish(store, out, meta, done)
     if stats is not None:
         stats.update(clock.summary(time.perf_counter() - t0), shards_done_before=skipped,
                      shards_computed=len(todo))
@@ -300,13 +298,12 @@ def embed_texts(texts: Sequence[str], cfg: EmbedConfig, out_dir: str | Path, *,
     return compute_features(store, emb_dir, out / "features", batch_size=cfg.batch_size)
 
 
-def _finish(store: PoolStore, out: Path, meta: dict[str, Any], marker: dict[str, Any]) -> EmbeddingStore:
-    """Check every shard is done, then write ``index.json`` (rows in pool order)."""
+def _finish(store: PoolStore, out: Path, meta: dict[str, Any], done: dict[int, Any]) -> EmbeddingStore:
+    """``index.json`` (rows in pool order) over every shard's marker info (``done``: checked or
+    just written, so no shard file is read again here)."""
     shards, zero_rows, dim = [], 0, None
     for s in range(len(store.index["shards"])):
-        info = _done_info(store, out, s, marker)
-        if info is None:
-            raise RuntimeError(f"features: shard {shard_name(store, s)} is not done after computing it")
+        info = done[s]
         zero_rows += int(info["zero_rows"])
         shards.append(shard_entry(out, info["file"], info["rows"], store.index["shards"][s]["offset"]))
     if shards:
