@@ -107,6 +107,23 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+def interleaved_best(fns: dict, repeats: int, on_round=None) -> dict[str, list[float]]:
+    """``{key: [best wall, best CPU]}`` of each function: one warm-up call each (allocator,
+    projection matrices, first-call costs), then ``repeats`` rounds calling every function once
+    in turn, so that the machine's load falls on all of them alike. ``on_round(r, best)`` after
+    each round."""
+    for fn in fns.values():
+        fn()
+    best = {key: [math.inf, math.inf] for key in fns}
+    for r in range(repeats):
+        for key, fn in fns.items():
+            wall = best_of(fn, 1)
+            best[key] = [min(best[key][0], wall), min(best[key][1], best_of.last_cpu)]
+        if on_round is not None:
+            on_round(r, best)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-size", choices=sorted(SIZES), default="tiny-dense")
@@ -208,13 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             sc = make_scorer("ekfac", im, damping=0.1, **kw)
             sc.fit(fit_texts).set_reference(ref_texts)
             timed[f"d {label}"] = (lambda sc=sc: sc.score(cand_texts))
-    for fn in timed.values():  # warm-up: projection matrices, allocator, first-call costs
-        fn()
-    best = {key: [math.inf, math.inf] for key in timed}
-    for _ in range(args.repeats):
-        for key, fn in timed.items():
-            wall = best_of(fn, 1)
-            best[key] = [min(best[key][0], wall), min(best[key][1], best_of.last_cpu)]
+    best = interleaved_best(timed, args.repeats)
     results: dict[str, dict] = {}
     for key, (wall, cpu) in best.items():
         results[key] = {"seconds": wall, "tokens": n_tok, "cpu": cpu}
@@ -641,14 +652,8 @@ def floor_bench(args, spec: str) -> dict:
           f"T={cfg['seq']}, batch {cfg['batch']}, {st['n_tok']} candidate tokens", flush=True)
     if args.profile:
         floor_profile(fns)
-    for fn in fns.values():  # warm-up
-        fn()
-    best = {k: [math.inf, math.inf] for k in fns}
-    for r in range(args.floor_repeats):
-        for k, fn in fns.items():
-            wall = best_of(fn, 1)
-            best[k] = [min(best[k][0], wall), min(best[k][1], best_of.last_cpu)]
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[1]:.2f}" for k, v in best.items()), flush=True)
+    best = interleaved_best(fns, args.floor_repeats, on_round=lambda r, b: print(
+        f"  round {r + 1}: " + ", ".join(f"{k} {v[1]:.2f}" for k, v in b.items()), flush=True))
     mem = {}
     if not args.skip_memory:
         for k in fns:
