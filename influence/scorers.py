@@ -177,7 +177,8 @@ class GradientScorer(Scorer):
         means = self._mean_gradient(texts, weights)
         maps, cores = [], []
         for slot, g in zip(self.layout.slots, means):
-            q = self.curvature.precondition(slot.name, g)  # full per-layer space
+            # full per-layer space; float32 out: the projection and the core are float32
+            q = self.curvature.precondition(slot.name, g, torch.float32)
             c = self.projector.project_matrix(slot, q)  # THEN the candidate-side projection
             m_in, m_out = self.projector.p_in(slot), self.projector.p_out(slot)
             if self.config.rank is not None and min(c.shape) > self.config.rank:

@@ -94,7 +94,7 @@ def test_ekfac_lambda_equals_dense_definition(im):
     G = FeatureExtractor(im, projection_dim=None).compute(fit)
     for t in layers[:4]:
         g = torch.from_numpy(G.layer_block(t.name).copy()).double()
-        rot = cur.q_s[t.name].T @ g @ cur.q_a[t.name]
+        rot = cur.q_s[t.name].double().T @ g @ cur.q_a[t.name].double()
         np.testing.assert_allclose(cur.lam[t.name].numpy(), rot.square().mean(0).numpy(), rtol=1e-4,
                                    atol=1e-7 * float(rot.square().mean(0).max()))
 
@@ -107,7 +107,7 @@ def test_precondition_matches_definition_and_damping_modes(im):
     lam = torch.outer(k.eig_s[t.name], k.eig_a[t.name])
     assert k.damping_for(t.name) == pytest.approx(0.3 * float(lam.mean()))
     v = torch.randn(t.out_features, t.in_features, dtype=torch.float64)
-    qs, qa = k.q_s[t.name], k.q_a[t.name]
+    qs, qa = k.q_s[t.name].double(), k.q_a[t.name].double()
     want = qs @ ((qs.T @ v @ qa) / (lam + 0.3 * lam.mean())) @ qa.T
     torch.testing.assert_close(k.precondition(t.name, v), want)
     ident = make_curvature("identity")
@@ -133,3 +133,13 @@ def test_curvature_errors():
         make_curvature("kfac", damping=-1.0)
     with pytest.raises(RuntimeError, match="not fitted"):
         KFAC().precondition("x", torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("n", [3, 511, 512, 700, 1024])
+def test_blocked_gram_equals_the_full_product(n):
+    from quadsel.influence.curvature import gram
+
+    x = torch.randn(37, n, generator=torch.Generator().manual_seed(n))
+    got, want = gram(x), x.T @ x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, got.T, rtol=0, atol=0)  # exactly symmetric
