@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -84,11 +84,23 @@ def _selector_parts(selection: SelectionConfig, assignments: np.ndarray, centroi
     return view, budget, quad
 
 
+def length_order(texts: Sequence[str]) -> np.ndarray:
+    """Indices of ``texts`` by decreasing length in characters (stable: ties keep their order)."""
+    return np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
+
+
 def _score_rows_fn(pool: PoolStore, workers, counter: dict[str, float]):
     def score_rows(rows: np.ndarray) -> np.ndarray:
         t0 = time.monotonic()
         texts = pool.texts(rows)
-        scores = workers.score(texts)
+        # The executor cuts the texts into chunks of model.batch_size in the order given, and a
+        # chunk is one batch padded to its longest row. A round's rows (the probes of many
+        # clusters, of any length) in their own order would pad most batches to max_length:
+        # longest first, each chunk holds rows of similar length. A row's score does not depend
+        # on the rows batched with it, and the order is a function of the texts (deterministic).
+        order = length_order(texts)
+        scores = np.empty(len(texts), dtype=np.float64)
+        scores[order] = workers.score([texts[i] for i in order])
         counter["scored"] += len(rows)
         counter["seconds"] += time.monotonic() - t0
         logger.info("scored %d rows in %.1fs (%.1f rows/s; %d so far)", len(rows), time.monotonic() - t0,

@@ -245,3 +245,37 @@ def test_the_run_object_steps_reuse_the_job_and_take_an_injected_score_function(
     assert list(again.rows) == list(picked.rows)
     view, budget, _ = run.selector_parts(other)
     assert budget.amount == 10 and sum(len(m) for m in view.members) == summary["pool_rows"]
+
+
+def test_a_rounds_rows_are_scored_in_length_sorted_batches(tmp_path):
+    """The job hands the executor a round's texts longest first, so each chunk (one padded
+    batch) holds rows of similar length; the scores come back in the rows' own order and equal
+    the scorer's own, row by row."""
+    from quadsel.influence import make_scorer
+    from quadsel.influence.testing import random_texts, tiny_influence_model
+    from quadsel.jobs.selection_run import _score_rows_fn
+    from quadsel.pipeline.ray_runtime import LocalPool
+    from quadsel.pipeline.sources import Example
+    from quadsel.pipeline.store import PoolStore
+
+    texts = random_texts(23, seed=5, min_words=1, max_words=40)
+    im = tiny_influence_model("llama", max_length=32, batch_size=4)
+    scorer = make_scorer("ekfac", im).fit(texts[:6]).set_reference(texts[6:9])
+    batches: list[list[int]] = []
+
+    class Recording:  # the real scorer, with the batches it was handed recorded
+        def score(self, chunk):
+            batches.append([len(t) for t in chunk])
+            return scorer.score(chunk)
+
+    pool = PoolStore.write([[Example(id=f"r{i}", text=t, meta={}, source="mem", line=i + 1)
+                             for i, t in enumerate(texts)]], tmp_path / "pool")
+    rows = np.array([3, 17, 0, 22, 9, 4, 11, 20, 1, 15], dtype=np.int64)
+    counter = {"scored": 0.0, "seconds": 0.0}
+    got = _score_rows_fn(pool, LocalPool(Recording, chunk_size=4), counter)(rows)
+    handed = [n for b in batches for n in b]
+    assert handed == sorted((len(texts[r]) for r in rows), reverse=True)
+    assert len(set(map(len, map(str.split, (texts[r] for r in rows))))) > 3  # lengths do differ
+    want = scorer.score([texts[r] for r in rows]).astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert counter["scored"] == len(rows)
