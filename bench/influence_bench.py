@@ -70,17 +70,20 @@ def build_model(cfg: dict, dtype: torch.dtype, seed: int):
     return model.to(dtype).eval()
 
 
+def pool_docs(seed: int) -> tuple[list[str], str]:
+    """The bench pool's documents (or synthetic ones where it is absent) and where they came from."""
+    if POOL.is_file():
+        return [json.loads(line)["text"] for line in POOL.open(encoding="utf-8")], f"bench pool ({POOL.name})"
+    from quadsel.influence.testing import random_texts
+
+    return (random_texts(20000, seed=seed, min_words=20, max_words=200),
+            "synthetic random words (bench pool not found)")
+
+
 def load_texts(n: int, min_chars: int, seed: int) -> tuple[list[str], str]:
     """Pool documents joined until each text has >= min_chars characters (full-length rows)."""
     rng = np.random.default_rng(seed)
-    if POOL.is_file():
-        docs = [json.loads(line)["text"] for line in POOL.open(encoding="utf-8")]
-        src = f"bench pool ({POOL.name})"
-    else:
-        from quadsel.influence.testing import random_texts
-
-        docs = random_texts(20000, seed=seed, min_words=20, max_words=200)
-        src = "synthetic random words (bench pool not found)"
+    docs, src = pool_docs(seed)
     order = rng.permutation(len(docs))
     out, cur, k = [], [], 0
     while len(out) < n:
@@ -150,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-fit-docs", type=int, default=8, help="--floor: curvature fit texts")
     ap.add_argument("--floor-ref-docs", type=int, default=4, help="--floor: reference texts")
     ap.add_argument("--floor-repeats", type=int, default=3)
+    ap.add_argument("--floor-marginal", type=int, default=3,
+                    help="--floor: also time fit and scoring with this many times the texts (<= 1: not)")
+    ap.add_argument("--floor-round-docs", type=int, default=64, help="--floor: pool documents of one round")
+    ap.add_argument("--floor-round-batch", type=int, default=None,
+                    help="--floor: the round's chunk size (default: the model's batch size, as in a job)")
     ap.add_argument("--skip-kronfluence", action="store_true", help="--floor: without the kronfluence comparison")
     ap.add_argument("--skip-memory", action="store_true", help="--floor: without the peak-memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="--floor: print torch.profiler tables first")
@@ -464,7 +472,16 @@ and wall). Timed on the same model and texts:
 - quadsel fit / kronfluence fit: the EK-FAC curvature on the fit texts (covariances, eigh, Λ);
 - quadsel scoring / kronfluence scoring: the reference (preconditioned, mean over the reference)
   plus the candidates' scores: ``set_reference + score`` vs ``compute_pairwise_scores`` with
-  ``aggregate_query_gradients=True``; same modules, damping (0.1 × mean Λ), empirical Fisher, fp32.
+  ``aggregate_query_gradients=True``; same modules, damping (0.1 × mean Λ), empirical Fisher, fp32;
+- the same two jobs with ``--floor-marginal K`` times the fit texts / the candidates (``... xK``):
+  the difference is the cost per further fit text / candidate, the part that grows with the job
+  (a job fits on ``scorer.fit_sample`` = 256 texts and scores thousands of candidates; the fixed
+  part, eigendecompositions and preconditioning, is what the small job mostly measures);
+- round as given / round length-sorted: a bandit round's worth of pool documents of their own
+  lengths (``--floor-round-docs``) scored through the job's executor (``LocalPool``, in chunks of
+  the model's batch size, as a job does, or ``--floor-round-batch``) in the order given, and in
+  the order the job hands them over (``jobs.selection_run.length_order``: longest first, so each
+  chunk is one batch of similar lengths).
 
 Peak memory: each method once more in its own subprocess (``--mem-child``): after the setup
 (model, texts, and the fit the method needs) freed heap is returned to the OS (``malloc_trim``),
@@ -524,8 +541,10 @@ def floor_setup(args, cfg: dict, methods) -> dict:
 
     T, B = cfg["seq"], cfg["batch"]
     n_c, n_f, n_r = args.floor_docs, args.floor_fit_docs, args.floor_ref_docs
-    texts, src = load_texts(n_c + n_f + n_r, min_chars=8 * T, seed=args.seed)
-    cand, fit, ref = texts[:n_c], texts[n_c:n_c + n_f], texts[n_c + n_f:]
+    K = max(int(getattr(args, "floor_marginal", 1) or 1), 1)
+    texts, src = load_texts(K * (n_c + n_f) + n_r, min_chars=8 * T, seed=args.seed)
+    cand_k, fit_k, ref = texts[:K * n_c], texts[K * n_c:K * (n_c + n_f)], texts[K * (n_c + n_f):]
+    cand, fit = cand_k[:n_c], fit_k[:n_f]
     tok = train_tokenizer(texts[:400], min(cfg["vocab"], 4096), T)
     model = build_model(cfg, torch.float32, args.seed)
     im = InfluenceModel(model, tok, max_length=T, batch_size=B, device="cpu")
@@ -552,7 +571,9 @@ def floor_setup(args, cfg: dict, methods) -> dict:
     fns["floor"], fns["fwd+bwd"] = floor, plain
     fitter = make_scorer("ekfac", im, damping=0.1)  # its own scorer: fitting resets a reference
     fns["quadsel fit"] = lambda: fitter.fit(fit)
-    needs_ref = {"score pass", "score pass rank 32", "quadsel scoring"} & set(methods)
+    fns[f"quadsel fit x{K}"] = lambda: fitter.fit(fit_k)
+    needs_ref = {"score pass", "score pass rank 32", "quadsel scoring", f"quadsel scoring x{K}",
+                 "round as given", "round length-sorted"} & set(methods)
     if needs_ref:
         sc.fit(fit).set_reference(ref)
         low = make_scorer("ekfac", im, damping=0.1, rank=32)
@@ -561,7 +582,21 @@ def floor_setup(args, cfg: dict, methods) -> dict:
         fns["score pass"] = lambda: sc.score(cand)
         fns["score pass rank 32"] = lambda: low.score(cand)
         fns["quadsel scoring"] = lambda: sc.set_reference(ref).score(cand)
-    if {"kronfluence fit", "kronfluence scoring"} & set(methods):
+        fns[f"quadsel scoring x{K}"] = lambda: sc.set_reference(ref).score(cand_k)
+        from quadsel.jobs.selection_run import length_order
+        from quadsel.pipeline.ray_runtime import LocalPool
+
+        docs = round_docs(args.floor_round_docs, args.seed)
+        chunk = round_chunk(args, cfg)
+        workers = LocalPool(lambda: sc, chunk_size=chunk)
+        order = length_order(docs)
+        fns["round as given"] = lambda: workers.score(docs)
+        fns["round length-sorted"] = lambda: workers.score([docs[i] for i in order])
+        n_real = sum(len(x) for x in im.tokenize(docs))
+        st["round"] = dict(docs=len(docs), tokens=n_real, chunk=chunk, padded={
+            "round as given": _padded_tokens(im, docs, chunk),
+            "round length-sorted": _padded_tokens(im, [docs[i] for i in order], chunk)})
+    if any(m.startswith("kronfluence") for m in methods):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -590,25 +625,56 @@ def floor_setup(args, cfg: dict, methods) -> dict:
         sargs = ScoreArguments(damping_factor=None, amp_dtype=None, per_sample_gradient_dtype=f32,
                                precondition_dtype=f32, score_dtype=f32, aggregate_query_gradients=True)
         fit_rows, ref_rows, cand_rows = rows(fit), rows(ref), rows(cand)
+        fit_rows_k, cand_rows_k = rows(fit_k), rows(cand_k)
 
-        def kfit():
-            an.fit_all_factors(factors_name="f", dataset=fit_rows, per_device_batch_size=B, factor_args=fargs,
+        def kfit(data=fit_rows, name="f"):
+            an.fit_all_factors(factors_name=name, dataset=data, per_device_batch_size=B, factor_args=fargs,
                                overwrite_output_dir=True)
 
-        def kscore():
+        def kscore(data=cand_rows):
             an.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=ref_rows,
-                                       train_dataset=cand_rows, per_device_query_batch_size=B,
+                                       train_dataset=data, per_device_query_batch_size=B,
                                        per_device_train_batch_size=B, score_args=sargs, overwrite_output_dir=True)
 
         fns["kronfluence fit"], fns["kronfluence scoring"] = kfit, kscore
-        if "kronfluence scoring" in methods:
+        fns[f"kronfluence fit x{K}"] = lambda: kfit(fit_rows_k, "fk")
+        fns[f"kronfluence scoring x{K}"] = lambda: kscore(cand_rows_k)
+        if {"kronfluence scoring", f"kronfluence scoring x{K}"} & set(methods):
             kfit()
     st["fns"] = {k: fns[k] for k in methods}
     return st
 
 
-FLOOR_METHODS = ["floor", "fwd+bwd", "score pass", "score pass rank 32", "quadsel fit", "kronfluence fit",
-                 "quadsel scoring", "kronfluence scoring"]
+def round_docs(n: int, seed: int) -> list[str]:
+    """``n`` pool documents as they are (their own lengths), as one bandit round hands them over."""
+    rng = np.random.default_rng(seed + 1)
+    docs, _ = pool_docs(seed)
+    return [docs[i] for i in rng.permutation(len(docs))[:n]]
+
+
+def round_chunk(args, cfg: dict) -> int:
+    """The round's chunk size: as in a job (``chunk_size = model.batch_size``) unless given."""
+    return int(args.floor_round_batch or cfg["batch"])
+
+
+def _padded_tokens(im, texts: list[str], chunk: int) -> int:
+    """Tokens the model runs over when ``texts`` go to ``score`` in chunks of ``chunk`` (each
+    chunk in batches of the model's batch size, longest first, as ``InfluenceModel.batches``)."""
+    from quadsel.influence.model import length_buckets
+
+    ids = im.tokenize(texts)
+    total = 0
+    for a in range(0, len(ids), chunk):
+        n = np.array([len(x) for x in ids[a:a + chunk]])
+        total += sum(len(b) * int(n[b].max()) for b in length_buckets(n, im.batch_size))
+    return total
+
+
+def floor_methods(k: int) -> list[str]:
+    extra = [] if k <= 1 else [f"quadsel fit x{k}", f"kronfluence fit x{k}", f"quadsel scoring x{k}",
+                               f"kronfluence scoring x{k}"]
+    return ["floor", "fwd+bwd", "score pass", "score pass rank 32", "quadsel fit", "kronfluence fit",
+            "quadsel scoring", "kronfluence scoring"] + extra + ["round as given", "round length-sorted"]
 
 
 def _vm() -> dict[str, int]:
@@ -645,7 +711,8 @@ def floor_bench(args, spec: str) -> dict:
     threads = args.threads or 1
     torch.set_num_threads(threads)
     cfg = floor_cfg(spec)
-    methods = [m for m in FLOOR_METHODS if not (args.skip_kronfluence and m.startswith("kronfluence"))]
+    methods = [m for m in floor_methods(args.floor_marginal)
+               if not (args.skip_kronfluence and m.startswith("kronfluence"))]
     st = floor_setup(args, cfg, methods)
     fns = st["fns"]
     print(f"floor {spec}: {st['n_params'] / 1e6:.2f}M params, {st['layers']} tracked layers, "
@@ -657,16 +724,20 @@ def floor_bench(args, spec: str) -> dict:
     mem = {}
     if not args.skip_memory:
         for k in fns:
+            if k.startswith("round"):  # timing only: the score pass's memory is measured above
+                continue
             cmd = [sys.executable, "-m", "bench.influence_bench", "--mem-child", k, "--floor", spec,
                    "--threads", str(threads), "--seed", str(args.seed)]
-            for flag in ("floor_docs", "floor_fit_docs", "floor_ref_docs"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            for flag in ("floor_docs", "floor_fit_docs", "floor_ref_docs", "floor_marginal", "floor_round_docs",
+                         "floor_round_batch"):
+                if getattr(args, flag) is not None:
+                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             out = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("MEM ")]
             mem[k] = json.loads(line[-1][4:])["peak_mb"] if line else None
             print(f"  peak memory {k}: {mem[k]} MB", flush=True)
     res = dict(spec=spec, cfg=cfg, best=best, mem=mem, n_tok=st["n_tok"], n_params=st["n_params"],
-               layers=st["layers"], src=st["src"], threads=threads)
+               layers=st["layers"], src=st["src"], threads=threads, round=st.get("round"))
     write_floor_report(args, res)
     return res
 
@@ -718,11 +789,28 @@ def write_floor_report(args, res) -> None:
     lines.append(f"- score pass / fwd+bwd: {ratio('score pass', 'fwd+bwd')} (goal <= 0.8x: "
                  f"{'met' if cpu['score pass'] <= 0.8 * cpu['fwd+bwd'] else 'NOT met'}); floor / fwd+bwd: "
                  f"{ratio('floor', 'fwd+bwd')}.")
-    for a, k in (("quadsel fit", "kronfluence fit"), ("quadsel scoring", "kronfluence scoring")):
+    def mb(k):
+        return "-" if mem.get(k) is None else f"{mem[k]:.0f}"
+
+    K = args.floor_marginal
+    for a, k, what, n in (("quadsel fit", "kronfluence fit", "fit text", args.floor_fit_docs),
+                          ("quadsel scoring", "kronfluence scoring", "candidate", args.floor_docs)):
         if k in cpu:
             sp = cpu[k] / cpu[a]
             lines.append(f"- {a}: {sp:.2f}x faster than {k} by CPU ({wall[k] / wall[a]:.2f}x wall; goal >= 1.5x: "
-                         f"{'met' if sp >= 1.5 else 'NOT met'}); peak memory {mem.get(a)} vs {mem.get(k)} MB.")
+                         f"{'met' if sp >= 1.5 else 'NOT met'}); peak memory {mb(a)} vs {mb(k)} MB (goal: no "
+                         f"more: {'met' if mem.get(a) is not None and mem.get(k) is not None and mem[a] <= mem[k] else 'NOT met'}).")
+        ak, kk = f"{a} x{K}", f"{k} x{K}"
+        if ak in cpu and kk in cpu:
+            da, dk = (cpu[ak] - cpu[a]) / ((K - 1) * n), (cpu[kk] - cpu[k]) / ((K - 1) * n)
+            lines.append(f"  - per further {what} (x{K} minus x1): quadsel {da:.3f} s, kronfluence {dk:.3f} s: "
+                         f"{dk / da:.2f}x faster; the whole x{K} job {cpu[kk] / cpu[ak]:.2f}x.")
+    rd = res.get("round")
+    if rd and "round as given" in cpu:
+        g, srt = rd["padded"]["round as given"], rd["padded"]["round length-sorted"]
+        lines.append(f"- a round of {rd['docs']} pool documents ({rd['tokens']:,} tokens) in chunks of "
+                     f"{rd['chunk']}: as given the model runs over {g:,} padded tokens, length-sorted "
+                     f"over {srt:,}; time length-sorted / as given {ratio('round length-sorted', 'round as given')}.")
     text = "\n".join(lines) + "\n"
     print("\n" + text, flush=True)
     out = Path(args.out)
