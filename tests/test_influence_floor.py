@@ -120,3 +120,25 @@ def test_length_buckets():
     ids = im.tokenize(random_texts(9, seed=3))
     got = [b.index.tolist() for b in im.batches_from_ids(ids, 4, max_padding=0.2)]
     assert got == [g.tolist() for g in length_buckets([len(x) for x in ids], 4, max_padding=0.2)]
+
+
+def test_eigenbases_are_float32_and_a_load_shares_the_input_bases_again(texts, tmp_path):
+    """The fit keeps one float32 eigenbasis per distinct input (float64 decomposition), the
+    hooks' maps are those very tensors, and a saved curvature loads with its shared input bases
+    shared again (safetensors stored them unshared)."""
+    from quadsel.influence.curvature import load_curvature
+
+    fit, _, _ = texts
+    im = tiny_influence_model("llama", max_length=24, batch_size=3)
+    cur = make_scorer("ekfac", im).fit(fit).curvature
+    assert all(q.dtype == torch.float32 for q in [*cur.q_a.values(), *cur.q_s.values()])
+    assert all(lam.dtype == torch.float64 for lam in cur.lam.values())
+    distinct = {id(q) for q in cur.q_a.values()}
+    n_layers = len(cur.q_a)
+    assert len(distinct) < n_layers  # q/k/v and gate/up share theirs
+    cur.save(tmp_path / "cur")
+    back = load_curvature(tmp_path / "cur")
+    assert len({id(q) for q in back.q_a.values()}) == len(distinct)
+    for name in cur.q_a:
+        torch.testing.assert_close(back.q_a[name], cur.q_a[name], rtol=0, atol=0)
+        torch.testing.assert_close(back.q_s[name], cur.q_s[name], rtol=0, atol=0)
