@@ -742,6 +742,12 @@ def floor_bench(args, spec: str) -> dict:
     return res
 
 
+def mem_verdict(ours: float | None, theirs: float | None) -> str:
+    if ours is None or theirs is None:
+        return "not measured"
+    return "met" if ours <= theirs else "NOT met"
+
+
 def floor_profile(fns) -> None:
     """torch.profiler tables of the score pass and the fit: top ops, then time per hook and layer kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -799,7 +805,7 @@ def write_floor_report(args, res) -> None:
             sp = cpu[k] / cpu[a]
             lines.append(f"- {a}: {sp:.2f}x faster than {k} by CPU ({wall[k] / wall[a]:.2f}x wall; goal >= 1.5x: "
                          f"{'met' if sp >= 1.5 else 'NOT met'}); peak memory {mb(a)} vs {mb(k)} MB (goal: no "
-                         f"more: {'met' if mem.get(a) is not None and mem.get(k) is not None and mem[a] <= mem[k] else 'NOT met'}).")
+                         f"more: {mem_verdict(mem.get(a), mem.get(k))}).")
         ak, kk = f"{a} x{K}", f"{k} x{K}"
         if ak in cpu and kk in cpu:
             da, dk = (cpu[ak] - cpu[a]) / ((K - 1) * n), (cpu[kk] - cpu[k]) / ((K - 1) * n)
