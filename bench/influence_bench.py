@@ -541,7 +541,7 @@ def floor_setup(args, cfg: dict, methods) -> dict:
 
     T, B = cfg["seq"], cfg["batch"]
     n_c, n_f, n_r = args.floor_docs, args.floor_fit_docs, args.floor_ref_docs
-    K = max(int(getattr(args, "floor_marginal", 1) or 1), 1)
+    K = max(args.floor_marginal, 1)
     texts, src = load_texts(K * (n_c + n_f) + n_r, min_chars=8 * T, seed=args.seed)
     cand_k, fit_k, ref = texts[:K * n_c], texts[K * n_c:K * (n_c + n_f)], texts[K * (n_c + n_f):]
     cand, fit = cand_k[:n_c], fit_k[:n_f]
@@ -583,19 +583,20 @@ def floor_setup(args, cfg: dict, methods) -> dict:
         fns["score pass rank 32"] = lambda: low.score(cand)
         fns["quadsel scoring"] = lambda: sc.set_reference(ref).score(cand)
         fns[f"quadsel scoring x{K}"] = lambda: sc.set_reference(ref).score(cand_k)
+    if {"round as given", "round length-sorted"} & set(methods):
         from quadsel.jobs.selection_run import length_order
         from quadsel.pipeline.ray_runtime import LocalPool
 
         docs = round_docs(args.floor_round_docs, args.seed)
-        chunk = round_chunk(args, cfg)
+        chunk = args.floor_round_batch or B  # a job's chunk is its model's batch
         workers = LocalPool(lambda: sc, chunk_size=chunk)
         order = length_order(docs)
         fns["round as given"] = lambda: workers.score(docs)
         fns["round length-sorted"] = lambda: workers.score([docs[i] for i in order])
-        n_real = sum(len(x) for x in im.tokenize(docs))
-        st["round"] = dict(docs=len(docs), tokens=n_real, chunk=chunk, padded={
-            "round as given": _padded_tokens(im, docs, chunk),
-            "round length-sorted": _padded_tokens(im, [docs[i] for i in order], chunk)})
+        lengths = np.array([len(x) for x in im.tokenize(docs)])
+        st["round"] = dict(docs=len(docs), tokens=int(lengths.sum()), chunk=chunk, padded={
+            "round as given": _padded_tokens(lengths, chunk, B),
+            "round length-sorted": _padded_tokens(lengths[order], chunk, B)})
     if any(m.startswith("kronfluence") for m in methods):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -652,21 +653,15 @@ def round_docs(n: int, seed: int) -> list[str]:
     return [docs[i] for i in rng.permutation(len(docs))[:n]]
 
 
-def round_chunk(args, cfg: dict) -> int:
-    """The round's chunk size: as in a job (``chunk_size = model.batch_size``) unless given."""
-    return int(args.floor_round_batch or cfg["batch"])
-
-
-def _padded_tokens(im, texts: list[str], chunk: int) -> int:
-    """Tokens the model runs over when ``texts`` go to ``score`` in chunks of ``chunk`` (each
-    chunk in batches of the model's batch size, longest first, as ``InfluenceModel.batches``)."""
+def _padded_tokens(lengths: np.ndarray, chunk: int, batch_size: int) -> int:
+    """Tokens the model runs over when texts of these token ``lengths`` go to ``score`` in chunks
+    of ``chunk`` (each chunk in batches of ``batch_size``, longest first, as ``InfluenceModel.batches``)."""
     from quadsel.influence.model import length_buckets
 
-    ids = im.tokenize(texts)
     total = 0
-    for a in range(0, len(ids), chunk):
-        n = np.array([len(x) for x in ids[a:a + chunk]])
-        total += sum(len(b) * int(n[b].max()) for b in length_buckets(n, im.batch_size))
+    for a in range(0, len(lengths), chunk):
+        n = lengths[a:a + chunk]
+        total += sum(len(b) * int(n[b].max()) for b in length_buckets(n, batch_size))
     return total
 
 

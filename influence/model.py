@@ -210,11 +210,11 @@ class InfluenceModel:
 def length_buckets(lengths: Sequence[int], batch_size: int, *, max_padding: float | None = None) -> list[np.ndarray]:
     """Row indices grouped into batches: decreasing length (stable), at most ``batch_size`` rows, and
     with ``max_padding`` (a fraction in [0, 1)) a batch is closed before a row that would make its
-    padding exceed that share of the batch's ``rows x longest`` tokens. Padding is computed
-    through the forward and backward but never scored, so a job that scores texts of very
-    different lengths (bandit probes of several clusters) wastes less by grouping them with this
-    first and calling ``score`` per group. ``max_padding=None``: fixed-size chunks of the sorted
-    order (what :meth:`InfluenceModel.batches` does)."""
+    padding exceed that share of the batch's ``rows x longest`` tokens (padding is computed
+    through the forward and backward but never scored). ``max_padding=None``: fixed-size chunks of
+    the sorted order (what :meth:`InfluenceModel.batches` does). A job does not call ``score`` per
+    group: it hands the executor a round's texts longest first (``jobs.selection_run.length_order``),
+    so that its chunks of one batch each are already of similar lengths."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_padding is not None and not 0.0 <= max_padding < 1.0:
